@@ -1,0 +1,1 @@
+"""EAFT for Megatron-Core."""
