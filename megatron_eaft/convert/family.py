@@ -1,0 +1,569 @@
+"""The vocabulary a model family file is written in: config reader, dimensions, parameter rows.
+
+A family (see :mod:`megatron_eaft.convert.families`) is data: a function from the HF
+``config.json`` to ``TransformerConfig`` keyword arguments, and a tuple of :class:`Param` rows
+that say which HF tensors make which Megatron checkpoint tensor, through which
+:class:`Transform`. The conversion engine (:mod:`megatron_eaft.convert.engine`) expands the rows
+over layers and experts and streams tensors; nothing in here touches Megatron-Core except
+:meth:`ModelFamily.transformer_config` and :meth:`ModelFamily.layer_spec`, which import it lazily
+so the converter itself never pays for (or needs) a Megatron import.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+TransformerImpl = Literal["local", "transformer_engine"]
+TRANSFORMER_IMPLS: tuple[TransformerImpl, ...] = ("local", "transformer_engine")
+
+Shape = tuple[int, ...]
+# A shape written in a family file: dimension names of `Dims` (or products like "2*ffn").
+ShapeSpec = tuple[str | int, ...]
+
+# Megatron-LM's default for --make-vocab-size-divisible-by.
+DEFAULT_VOCAB_DIVISOR = 128
+
+
+class UnsupportedConfigError(ValueError):
+    """The HF config asks for something the family (or Megatron-Core) cannot express."""
+
+
+class HFConfig(Mapping[str, Any]):
+    """Read-only view of an HF ``config.json`` with errors that name the file and the key."""
+
+    def __init__(self, data: Mapping[str, Any], source: str = "config.json"):
+        if not isinstance(data, Mapping):
+            raise TypeError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        self._data = dict(data)
+        self.source = source
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._data)
+
+    def require(self, key: str) -> Any:
+        if self._data.get(key) is None:
+            raise ValueError(f"{self.source}: required key {key!r} is missing")
+        return self._data[key]
+
+    def integer(self, key: str, default: int | None = None) -> int:
+        value = self._data.get(key, default)
+        if value is None:
+            raise ValueError(f"{self.source}: required key {key!r} is missing")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(
+                f"{self.source}: {key!r} must be a non-negative integer, got {value!r}"
+            )
+        return value
+
+    def unsupported(self, key: str, value: Any, why: str) -> UnsupportedConfigError:
+        return UnsupportedConfigError(f"{self.source}: unsupported {key}={value!r}: {why}")
+
+    def reject_unless(self, key: str, allowed: Callable[[Any], bool], why: str) -> None:
+        """Raise naming ``key`` when its value (possibly absent -> None) is not allowed."""
+        value = self._data.get(key)
+        if not allowed(value):
+            raise self.unsupported(key, value, why)
+
+    @property
+    def rope_parameters(self) -> dict[str, Any]:
+        """RoPE settings whether written the transformers-5 way or the older root-level way."""
+        params = self._data.get("rope_parameters")
+        if params is None:
+            params = dict(self._data.get("rope_scaling") or {})
+            if "rope_theta" in self._data:
+                params.setdefault("rope_theta", self._data["rope_theta"])
+        if not isinstance(params, Mapping):
+            raise ValueError(f"{self.source}: 'rope_parameters' must be an object, got {params!r}")
+        return dict(params)
+
+    def rope_theta(self, default: float) -> float:
+        return float(self.rope_parameters.get("rope_theta", default))
+
+    def require_plain_rope(self) -> None:
+        """Reject RoPE scaling (YaRN, dynamic NTK, ...) that Megatron's rotary setup here lacks."""
+        params = self.rope_parameters
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in (None, "default"):
+            key = "rope_parameters" if "rope_parameters" in self._data else "rope_scaling"
+            raise self.unsupported(
+                f"{key}.rope_type", rope_type, "only plain RoPE (rope_type 'default') converts"
+            )
+
+    def require_full_attention(self) -> None:
+        """Reject sliding-window attention: Megatron's local attention here is full causal."""
+        if self._data.get("use_sliding_window"):
+            raise self.unsupported(
+                "use_sliding_window", True, "sliding-window attention is not supported"
+            )
+        layer_types = self._data.get("layer_types")
+        if layer_types is not None:
+            other = sorted({t for t in layer_types if t != "full_attention"})
+            if other:
+                raise self.unsupported(
+                    "layer_types", other, "only 'full_attention' layers are supported"
+                )
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Sizes that family shape specs refer to by name."""
+
+    layers: int
+    hidden: int
+    ffn: int
+    vocab: int
+    heads: int
+    groups: int
+    head_dim: int
+    experts: int = 0
+    moe_ffn: int = 0
+    # Rows of the embedding / output layer as stored; set by the engine (>= vocab).
+    padded_vocab: int = 0
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.groups * self.head_dim
+
+    def resolve(self, spec: ShapeSpec) -> Shape:
+        return tuple(self._resolve_dim(d) for d in spec)
+
+    def _resolve_dim(self, dim: str | int) -> int:
+        if isinstance(dim, int):
+            return dim
+        value = 1
+        for factor in dim.split("*"):
+            factor = factor.strip()
+            value *= int(factor) if factor.isdigit() else int(getattr(self, factor))
+        return value
+
+
+def padded_vocab_size(vocab: int, divisor: int = DEFAULT_VOCAB_DIVISOR, tp: int = 1) -> int:
+    """Megatron-LM's padding: round up to a multiple of ``divisor * tp``."""
+    if divisor < 1 or tp < 1:
+        raise ValueError(f"vocab divisor and TP must be >= 1, got {divisor} and {tp}")
+    multiple = divisor * tp
+    return math.ceil(vocab / multiple) * multiple
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms: HF tensors <-> one Megatron tensor (per layer / expert).
+# ---------------------------------------------------------------------------------------------
+
+# A piece of a Megatron tensor: (row offset along dim 0, tensor). Pieces let a transform hand the
+# writer HF tensors untouched (fc1 = [gate; up] is two pieces, no concatenation copy).
+Piece = tuple[int, torch.Tensor]
+
+
+class Transform:
+    """How HF tensors map to one Megatron tensor; subclasses override the three methods."""
+
+    name = "transform"
+
+    def megatron_shape(self, hf_shapes: Sequence[Shape], dims: Dims) -> Shape:
+        raise NotImplementedError
+
+    def to_megatron(self, hf: Sequence[torch.Tensor], dims: Dims) -> list[Piece]:
+        raise NotImplementedError
+
+    def to_hf(
+        self, megatron: torch.Tensor, hf_shapes: Sequence[Shape], dims: Dims
+    ) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class Copy(Transform):
+    """One HF tensor is the Megatron tensor."""
+
+    name = "copy"
+
+    def megatron_shape(self, hf_shapes: Sequence[Shape], dims: Dims) -> Shape:
+        (shape,) = hf_shapes
+        return shape
+
+    def to_megatron(self, hf: Sequence[torch.Tensor], dims: Dims) -> list[Piece]:
+        (tensor,) = hf
+        return [(0, tensor)]
+
+    def to_hf(
+        self, megatron: torch.Tensor, hf_shapes: Sequence[Shape], dims: Dims
+    ) -> list[torch.Tensor]:
+        return [megatron]
+
+
+class ConcatRows(Transform):
+    """Megatron's tensor is the HF tensors stacked along dim 0, e.g. fc1 = [gate; up].
+
+    Megatron's SwiGLU fc1 is stored whole as cat(gate, up) whatever the TP size: its sharded
+    state dict splits each rank's [gate_r; up_r] back into the two global halves.
+    """
+
+    name = "concat_rows"
+
+    def megatron_shape(self, hf_shapes: Sequence[Shape], dims: Dims) -> Shape:
+        first = hf_shapes[0]
+        return (sum(s[0] for s in hf_shapes), *first[1:])
+
+    def to_megatron(self, hf: Sequence[torch.Tensor], dims: Dims) -> list[Piece]:
+        pieces, row = [], 0
+        for tensor in hf:
+            pieces.append((row, tensor))
+            row += tensor.shape[0]
+        return pieces
+
+    def to_hf(
+        self, megatron: torch.Tensor, hf_shapes: Sequence[Shape], dims: Dims
+    ) -> list[torch.Tensor]:
+        return list(torch.split(megatron, [s[0] for s in hf_shapes], dim=0))
+
+
+class InterleaveQKV(Transform):
+    """q, k, v -> Megatron's fused QKV, grouped per query group.
+
+    With ``g`` query groups of ``h/g`` heads each, Megatron lays out rows as
+    ``[q heads of group 0, k of group 0, v of group 0, q heads of group 1, ...]`` so that a TP
+    rank's contiguous slice holds whole groups. A plain cat(q, k, v) has the same shape and
+    "works" until attention mixes the wrong heads.
+    """
+
+    name = "interleave_qkv"
+
+    def megatron_shape(self, hf_shapes: Sequence[Shape], dims: Dims) -> Shape:
+        q, k, v = hf_shapes
+        return (q[0] + k[0] + v[0], *q[1:])
+
+    def to_megatron(self, hf: Sequence[torch.Tensor], dims: Dims) -> list[Piece]:
+        q, k, v = hf
+        g, d = dims.groups, dims.head_dim
+        rest = q.shape[1:]
+        fused = torch.cat(
+            (q.reshape(g, -1, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)), dim=1
+        )
+        return [(0, fused.reshape(-1, *rest))]
+
+    def to_hf(
+        self, megatron: torch.Tensor, hf_shapes: Sequence[Shape], dims: Dims
+    ) -> list[torch.Tensor]:
+        g, d = dims.groups, dims.head_dim
+        rest = megatron.shape[1:]
+        grouped = megatron.reshape(g, -1, *rest)
+        q_rows = grouped.shape[1] - 2 * d
+        q, k, v = torch.split(grouped, [q_rows, d, d], dim=1)
+        return [t.reshape(-1, *rest) for t in (q, k, v)]
+
+
+class PadVocab(Transform):
+    """Embedding / output rows padded with zeros to the padded vocab; cut back on export."""
+
+    name = "pad_vocab"
+
+    def megatron_shape(self, hf_shapes: Sequence[Shape], dims: Dims) -> Shape:
+        (shape,) = hf_shapes
+        return (dims.padded_vocab, *shape[1:])
+
+    def to_megatron(self, hf: Sequence[torch.Tensor], dims: Dims) -> list[Piece]:
+        (tensor,) = hf
+        pieces: list[Piece] = [(0, tensor)]
+        extra = dims.padded_vocab - tensor.shape[0]
+        if extra > 0:
+            pieces.append((tensor.shape[0], tensor.new_zeros((extra, *tensor.shape[1:]))))
+        return pieces
+
+    def to_hf(
+        self, megatron: torch.Tensor, hf_shapes: Sequence[Shape], dims: Dims
+    ) -> list[torch.Tensor]:
+        (shape,) = hf_shapes
+        return [megatron[: shape[0]]]
+
+
+COPY = Copy()
+CONCAT_ROWS = ConcatRows()
+INTERLEAVE_QKV = InterleaveQKV()
+PAD_VOCAB = PadVocab()
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows of a family table.
+# ---------------------------------------------------------------------------------------------
+
+LAYER = "{layer}"
+EXPERT = "{expert}"
+LAYERS_PREFIX = "decoder.layers."
+
+
+def always(hf: HFConfig) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Param:
+    """One Megatron checkpoint tensor and the HF tensors it is made of.
+
+    megatron: the sharded-checkpoint key, as ``GPTModel.sharded_state_dict()`` names it (layer
+        keys have no layer index: homogeneous layers are stacked on a leading axis). A dict
+        ``{transformer_impl: key}`` where the local and Transformer Engine specs disagree.
+    hf: HF tensor name(s); ``{layer}`` and ``{expert}`` are expanded by the engine. Per-layer
+        rows get a leading layer axis in Megatron, per-expert rows a [layer, expert] prefix.
+    shapes: each HF tensor's shape in `Dims` names, checked before any data is read.
+    transform: how the HF tensors become the Megatron tensor and back.
+    when: whether the row applies to this config (e.g. only with untied embeddings).
+    """
+
+    megatron: str | Mapping[str, str]
+    hf: str | tuple[str, ...]
+    shapes: ShapeSpec | tuple[ShapeSpec, ...]
+    transform: Transform = COPY
+    when: Callable[[HFConfig], bool] = always
+
+    def __post_init__(self) -> None:
+        names = self.hf_names
+        if not names:
+            raise ValueError(f"{self.megatron}: no HF tensor names")
+        if len(self.hf_shapes) != len(names):
+            raise ValueError(
+                f"{self.megatron}: {len(names)} HF names but shapes for {len(self.hf_shapes)}"
+            )
+        keys = [self.megatron] if isinstance(self.megatron, str) else list(self.megatron.values())
+        for key in keys:
+            if self.per_layer != key.startswith(LAYERS_PREFIX):
+                raise ValueError(
+                    f"{key}: per-layer rows (HF names with {LAYER}) must have keys under "
+                    f"{LAYERS_PREFIX!r} and only they"
+                )
+        if self.per_expert and not self.per_layer:
+            raise ValueError(f"{self.megatron}: an expert row must also be per layer")
+        if any((EXPERT in n) != self.per_expert for n in names):
+            raise ValueError(f"{self.megatron}: either all or none of the HF names use {EXPERT}")
+
+    @property
+    def hf_names(self) -> tuple[str, ...]:
+        return (self.hf,) if isinstance(self.hf, str) else tuple(self.hf)
+
+    @property
+    def hf_shapes(self) -> tuple[ShapeSpec, ...]:
+        if self.shapes and all(isinstance(s, tuple) for s in self.shapes):
+            return tuple(self.shapes)  # type: ignore[arg-type]
+        return (self.shapes,)  # type: ignore[return-value]
+
+    @property
+    def per_layer(self) -> bool:
+        return LAYER in self.hf_names[0]
+
+    @property
+    def per_expert(self) -> bool:
+        return EXPERT in self.hf_names[0]
+
+    def key(self, transformer_impl: str) -> str:
+        if isinstance(self.megatron, str):
+            return self.megatron
+        try:
+            return self.megatron[transformer_impl]
+        except KeyError:
+            raise ValueError(
+                f"no checkpoint key for transformer_impl={transformer_impl!r} in {dict(self.megatron)}"
+            ) from None
+
+
+def tied_embeddings(hf: HFConfig) -> bool:
+    return bool(hf.get("tie_word_embeddings", False))
+
+
+def untied_embeddings(hf: HFConfig) -> bool:
+    return not tied_embeddings(hf)
+
+
+# ---------------------------------------------------------------------------------------------
+# The family itself.
+# ---------------------------------------------------------------------------------------------
+
+
+def llama_like_dims(hf: HFConfig) -> Dims:
+    """Dims for decoders whose config uses the Llama/Qwen key names."""
+    heads = hf.integer("num_attention_heads")
+    hidden = hf.integer("hidden_size")
+    if heads == 0:
+        raise ValueError(f"{hf.source}: 'num_attention_heads' must be positive")
+    groups = hf.integer("num_key_value_heads", heads)
+    if groups == 0 or heads % groups:
+        raise ValueError(
+            f"{hf.source}: num_attention_heads={heads} is not a multiple of "
+            f"num_key_value_heads={groups}"
+        )
+    head_dim = hf.get("head_dim")
+    if head_dim is None:
+        if hidden % heads:
+            raise ValueError(
+                f"{hf.source}: hidden_size={hidden} is not a multiple of num_attention_heads={heads} "
+                "and 'head_dim' is not given"
+            )
+        head_dim = hidden // heads
+    experts = hf.get("num_experts", hf.get("num_local_experts")) or 0
+    return Dims(
+        layers=hf.integer("num_hidden_layers"),
+        hidden=hidden,
+        ffn=hf.integer("intermediate_size", 0),
+        vocab=hf.integer("vocab_size"),
+        heads=heads,
+        groups=groups,
+        head_dim=hf.integer("head_dim", head_dim),
+        experts=int(experts),
+        moe_ffn=hf.integer("moe_intermediate_size", 0),
+    )
+
+
+def rope_gpt_model_kwargs(hf: HFConfig, default_rope_theta: float = 10000.0) -> dict[str, Any]:
+    """GPTModel constructor arguments of a RoPE decoder (rotary settings, tying, length)."""
+    return {
+        "position_embedding_type": "rope",
+        "rotary_base": hf.rope_theta(default_rope_theta),
+        "rotary_percent": 1.0,
+        "share_embeddings_and_output_weights": tied_embeddings(hf),
+        "max_sequence_length": hf.integer("max_position_embeddings", 4096),
+    }
+
+
+def megatron_gpt_layer_spec(config: TransformerConfig, transformer_impl: str) -> ModuleSpec:
+    """Megatron-Core's own GPT layer spec (local or Transformer Engine) for ``config``."""
+    check_transformer_impl(transformer_impl)
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if transformer_impl == "local":
+        return gpt_layer_specs.get_gpt_layer_local_spec(
+            num_experts=config.num_moe_experts,
+            moe_grouped_gemm=config.moe_grouped_gemm,
+            qk_layernorm=config.qk_layernorm,
+            normalization=config.normalization,
+        )
+    if not gpt_layer_specs.HAVE_TE:
+        raise RuntimeError(
+            "transformer_impl='transformer_engine' needs Transformer Engine, which is not "
+            "importable here; use transformer_impl='local'"
+        )
+    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+        num_experts=config.num_moe_experts,
+        moe_grouped_gemm=config.moe_grouped_gemm,
+        qk_layernorm=config.qk_layernorm,
+    )
+
+
+def check_transformer_impl(transformer_impl: str) -> None:
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise ValueError(
+            f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {transformer_impl!r}"
+        )
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A model family: config mapping + parameter table (+ layer spec, when not Megatron's).
+
+    name: short name stored in converted checkpoints' metadata ("qwen3").
+    architectures: HF ``architectures`` entries this family converts.
+    config: HF config -> TransformerConfig keyword arguments. Raise
+        :class:`UnsupportedConfigError` (``hf.unsupported(...)``) for options it cannot express.
+    params: the parameter table.
+    dims: HF config -> sizes the table's shapes use.
+    gpt_model_kwargs: HF config -> GPTModel arguments (rotary settings, tied embeddings, ...).
+    layer_spec_fn: (TransformerConfig, transformer_impl) -> layer ModuleSpec.
+    ignored_hf: HF tensor names (with {layer}) that may be present and are not converted, e.g.
+        ``lm_head.weight`` saved alongside tied embeddings.
+    """
+
+    name: str
+    architectures: tuple[str, ...]
+    config: Callable[[HFConfig], dict[str, Any]]
+    params: tuple[Param, ...]
+    dims: Callable[[HFConfig], Dims] = llama_like_dims
+    gpt_model_kwargs: Callable[[HFConfig], dict[str, Any]] = rope_gpt_model_kwargs
+    layer_spec_fn: Callable[[Any, str], Any] = megatron_gpt_layer_spec
+    ignored_hf: Callable[[HFConfig], tuple[str, ...]] = field(default=lambda hf: ())
+
+    def hf(self, hf_config: Mapping[str, Any] | HFConfig) -> HFConfig:
+        return hf_config if isinstance(hf_config, HFConfig) else HFConfig(hf_config)
+
+    def active_params(self, hf_config: Mapping[str, Any]) -> tuple[Param, ...]:
+        hf = self.hf(hf_config)
+        return tuple(p for p in self.params if p.when(hf))
+
+    def transformer_config_kwargs(self, hf_config: Mapping[str, Any]) -> dict[str, Any]:
+        """The family's TransformerConfig arguments; validates the config on the way."""
+        return self.config(self.hf(hf_config))
+
+    def transformer_config(
+        self,
+        hf_config: Mapping[str, Any],
+        *,
+        params_dtype: torch.dtype = torch.float32,
+        tp: int = 1,
+        pp: int = 1,
+        ep: int = 1,
+        **overrides: Any,
+    ) -> TransformerConfig:
+        from megatron.core.transformer import TransformerConfig
+
+        kwargs = self.transformer_config_kwargs(hf_config)
+        kwargs.update(
+            params_dtype=params_dtype,
+            bf16=params_dtype == torch.bfloat16,
+            fp16=params_dtype == torch.float16,
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
+            pipeline_dtype=params_dtype,
+        )
+        kwargs.update(overrides)
+        return TransformerConfig(**kwargs)
+
+    def layer_spec(self, config: TransformerConfig, transformer_impl: str = "local") -> ModuleSpec:
+        check_transformer_impl(transformer_impl)
+        return self.layer_spec_fn(config, transformer_impl)
+
+
+def swiglu_rmsnorm_decoder_config(hf: HFConfig, dims: Dims) -> dict[str, Any]:
+    """TransformerConfig arguments shared by pre-norm RMSNorm + SwiGLU decoders (Llama, Qwen)."""
+    hf.reject_unless("hidden_act", lambda v: v in (None, "silu"), "only SiLU-gated MLPs convert")
+    hf.require_plain_rope()
+    hf.require_full_attention()
+    return {
+        "num_layers": dims.layers,
+        "hidden_size": dims.hidden,
+        "ffn_hidden_size": dims.ffn,
+        "num_attention_heads": dims.heads,
+        "num_query_groups": dims.groups,
+        "kv_channels": dims.head_dim,
+        "normalization": "RMSNorm",
+        "layernorm_epsilon": float(hf.get("rms_norm_eps", 1e-6)),
+        "gated_linear_unit": True,
+        "activation_func": torch.nn.functional.silu,
+        "add_bias_linear": False,
+        "add_qkv_bias": False,
+        "qk_layernorm": False,
+        # HF decoders have no dropout on the residual branch; Megatron defaults to 0.1.
+        "hidden_dropout": 0.0,
+        "attention_dropout": float(hf.get("attention_dropout", 0.0)),
+        "init_method_std": float(hf.get("initializer_range", 0.02)),
+    }
