@@ -1,0 +1,251 @@
+"""Everything Megatron-Core needs to run on a machine without a GPU, in one place.
+
+Megatron-Core assumes CUDA in a few dozen spots (``device="cuda"`` allocations in the
+schedules and optimizers, ``torch.cuda.current_device()`` in the TP mappings and rotary
+embedding, CUDA streams in DDP, ``torch.cuda.FloatTensor`` type checks in gradient clipping,
+CUDA RNG states in the model-parallel RNG tracker). Tests, CI and the README demo run on CPU
+with the gloo backend, so this module papers over exactly those spots:
+
+* a ``TorchFunctionMode`` that maps any CUDA device argument (and ``Tensor.cuda()``) to CPU
+  and reports CPU tensors' ``type()`` under their CUDA name (the optimizers only accept those);
+* ``torch.cuda`` stubs for the current device, synchronisation, streams and events;
+* an RNG tracker that forks the CPU generator per named state, so dropout and weight
+  initialisation under ``get_cuda_rng_tracker().fork()`` stay reproducible and TP-aware.
+
+Nothing here is active when CUDA is available: :func:`apply_cpu_patches` returns at once, and
+GPU runs take Megatron's own code paths untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_PATCHED = False
+_DEVICE_MODE: TorchFunctionMode | None = None
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int means "CUDA device N" for factory functions and `.to()`.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU for every torch call made under it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stand-in for ``torch.cuda.Stream``: CPU work is already ordered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> _NullEvent:
+        return event or _NullEvent()
+
+
+class _NullEvent:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, stream: Any = None) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+@contextlib.contextmanager
+def _null_stream_context(stream: Any = None) -> Iterator[None]:
+    yield
+
+
+class CpuRNGStatesTracker:
+    """Megatron's named RNG-state tracker, keeping CPU generator states instead of CUDA ones.
+
+    ``fork(name)`` swaps the CPU generator to the named state and back, which is what
+    Megatron's CUDA tracker does for the CUDA generator: TP ranks draw different dropout
+    masks inside model-parallel regions and identical ones outside.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+        self._is_initialized = False
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = states
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_:
+            raise ValueError(f"RNG seed {seed} is already tracked")
+        if name in self.states_:
+            raise ValueError(f"RNG state {name!r} is already tracked")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng") -> Iterator[None]:
+        if name not in self.states_:
+            raise KeyError(f"RNG state {name!r} was never added to the tracker")
+        outer_state = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer_state)
+
+
+def apply_cpu_patches() -> None:
+    """Make Megatron-Core runnable on CPU. Idempotent; does nothing when CUDA is available."""
+    global _PATCHED, _DEVICE_MODE
+    if _PATCHED or cuda_available():
+        return
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    torch.cuda.set_device = lambda device: None  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    torch.cuda.current_stream = lambda device=None: _NullStream()  # type: ignore[assignment]
+    torch.cuda.default_stream = lambda device=None: _NullStream()  # type: ignore[assignment]
+    torch.cuda.Stream = _NullStream  # type: ignore[assignment, misc]
+    torch.cuda.Event = _NullEvent  # type: ignore[assignment, misc]
+    torch.cuda.stream = _null_stream_context  # type: ignore[assignment]
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # type: ignore[assignment]
+    torch.cuda.set_rng_state = lambda state, device="cuda": None  # type: ignore[assignment]
+    torch.cuda.manual_seed = lambda seed: None  # type: ignore[assignment]
+    torch.cuda.manual_seed_all = lambda seed: None  # type: ignore[assignment]
+    torch.cuda.memory_allocated = lambda device=None: 0  # type: ignore[assignment]
+    torch.cuda.max_memory_allocated = lambda device=None: 0  # type: ignore[assignment]
+    torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
+    _DEVICE_MODE = _CudaToCpuMode()
+    _DEVICE_MODE.__enter__()
+    _PATCHED = True
+
+
+def install_cpu_rng_tracker(seed: int) -> None:
+    """Seed the named RNG states Megatron forks (data-parallel, tensor-parallel, expert)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    tracker = CpuRNGStatesTracker()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    # Same offsets as megatron.core.tensor_parallel.random.model_parallel_cuda_manual_seed,
+    # so a CPU run draws the same streams a GPU run would name.
+    tracker.add(megatron_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(megatron_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(
+        megatron_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank
+    )
+    megatron_random._CUDA_RNG_STATE_TRACKER = tracker
+    megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def initialize_parallel(
+    tp: int = 1,
+    pp: int = 1,
+    cp: int = 1,
+    ep: int = 1,
+    seed: int = 1234,
+    virtual_pp: int | None = None,
+) -> None:
+    """Initialise Megatron's model-parallel groups and RNG on an initialised process group.
+
+    On CPU this applies the patches and installs the CPU RNG tracker; on GPU it is Megatron's
+    usual ``initialize_model_parallel`` + ``model_parallel_cuda_manual_seed``.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if not torch.distributed.is_initialized():
+        raise RuntimeError("initialize_parallel needs torch.distributed to be initialised first")
+    apply_cpu_patches()
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=virtual_pp,
+        context_parallel_size=cp,
+        expert_model_parallel_size=ep,
+    )
+    torch.manual_seed(seed)
+    if cuda_available():
+        model_parallel_cuda_manual_seed(seed)
+    else:
+        install_cpu_rng_tracker(seed)
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+
+
+def default_backend() -> str:
+    return "nccl" if cuda_available() else "gloo"
+
+
+def init_process_group_from_env(timeout_minutes: float = 10.0) -> None:
+    """``init_process_group`` with the backend that fits the machine (env:// rendezvous)."""
+    import datetime
+
+    if torch.distributed.is_initialized():
+        return
+    if cuda_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(
+        backend=default_backend(), timeout=datetime.timedelta(minutes=timeout_minutes)
+    )

@@ -1,0 +1,233 @@
+"""Run a function on N gloo ranks on this machine and collect what each rank returns.
+
+Used by the tests, the benchmarks and the CPU demo. Workers are long-lived: importing
+``megatron.core`` costs several seconds per process, so a :class:`WorkerPool` imports it once
+per worker and then serves any number of jobs, each in a fresh process group on a fresh port.
+
+A job is ``fn(*args, **kwargs)`` on ranks ``0..world_size-1``; ``fn`` must be importable by
+module path (a top-level function) and return something picklable. If any rank raises, the
+call raises :class:`RankError` carrying that rank's traceback; ranks left waiting in a
+collective are killed and replaced, so one failing job does not poison the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import multiprocessing as mp
+import os
+import socket
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+DEFAULT_TIMEOUT_S = 300.0
+# After one rank fails, how long the others get to notice before they are killed.
+_FAILURE_GRACE_S = 10.0
+
+
+class RankError(RuntimeError):
+    """A rank raised inside a distributed job; the message holds its traceback."""
+
+    def __init__(self, rank: int, remote_traceback: str, exception: BaseException | None):
+        self.rank = rank
+        self.remote_traceback = remote_traceback
+        self.exception = exception
+        super().__init__(f"rank {rank} failed:\n{remote_traceback}")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _init_job(job: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    torch.distributed.init_process_group(
+        backend="gloo",
+        init_method=f"tcp://127.0.0.1:{job['port']}",
+        rank=job["rank"],
+        world_size=job["world_size"],
+        timeout=datetime.timedelta(seconds=job["timeout"]),
+    )
+
+
+def _end_job() -> None:
+    import torch
+
+    from megatron_eaft.megatron import cpu_runtime
+
+    cpu_runtime.destroy_parallel()
+    torch.distributed.destroy_process_group()
+
+
+def _worker_main(conn: Connection, preload: bool) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Megatron warns about every missing GPU library on import; on CPU that is expected.
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if preload:
+        import megatron.core  # noqa: F401  (the expensive import, paid once per worker)
+
+        from megatron_eaft.megatron import cpu_runtime
+
+        cpu_runtime.apply_cpu_patches()
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        try:
+            _init_job(job)
+            result = job["fn"](*job["args"], **job["kwargs"])
+        except BaseException as exc:
+            # Report before tearing down: teardown can block while peers sit in a
+            # collective, and the parent replaces this worker anyway.
+            formatted = traceback.format_exc()
+            try:
+                conn.send(("error", formatted, exc))
+            except Exception:  # the exception itself may not pickle
+                conn.send(("error", formatted, None))
+            _end_job()
+            continue
+        _end_job()
+        conn.send(("ok", result))
+
+
+class WorkerPool:
+    """A fixed set of worker processes that run distributed jobs on demand."""
+
+    def __init__(self, size: int, preload_megatron: bool = True):
+        if size < 1:
+            raise ValueError(f"WorkerPool size must be >= 1, got {size}")
+        self._context = mp.get_context("spawn")
+        self._preload = preload_megatron
+        self._workers: list[tuple[mp.process.BaseProcess, Connection] | None] = [None] * size
+
+    @property
+    def size(self) -> int:
+        return len(self._workers)
+
+    def _worker(self, slot: int) -> tuple[mp.process.BaseProcess, Connection]:
+        entry = self._workers[slot]
+        if entry is None or not entry[0].is_alive():
+            parent_conn, child_conn = self._context.Pipe()
+            process = self._context.Process(
+                target=_worker_main, args=(child_conn, self._preload), daemon=True
+            )
+            process.start()
+            child_conn.close()
+            entry = (process, parent_conn)
+            self._workers[slot] = entry
+        return entry
+
+    def warm_up(self) -> None:
+        for slot in range(self.size):
+            self._worker(slot)
+
+    def _kill(self, slot: int) -> None:
+        entry = self._workers[slot]
+        if entry is not None:
+            entry[0].kill()
+            entry[0].join(timeout=5)
+            entry[1].close()
+        self._workers[slot] = None
+
+    def run(
+        self,
+        fn: Callable[..., Any],
+        world_size: int,
+        *args: Any,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        **kwargs: Any,
+    ) -> list[Any]:
+        if not 1 <= world_size <= self.size:
+            raise ValueError(f"world_size {world_size} needs 1..{self.size} workers")
+        port = _free_port()
+        threads = max(1, (os.cpu_count() or 1) // world_size)
+        conns: dict[Connection, int] = {}
+        for rank in range(world_size):
+            _, conn = self._worker(rank)
+            conn.send(
+                {
+                    "fn": fn,
+                    "args": args,
+                    "kwargs": kwargs,
+                    "rank": rank,
+                    "world_size": world_size,
+                    "port": port,
+                    "timeout": timeout,
+                    "threads": threads,
+                }
+            )
+            conns[conn] = rank
+        results: list[Any] = [None] * world_size
+        failure: RankError | None = None
+        deadline = time.monotonic() + timeout
+        pending = dict(conns)
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for conn in wait(list(pending), timeout=remaining):
+                rank = pending.pop(conn)
+                try:
+                    message = conn.recv()
+                except EOFError:
+                    message = ("error", f"rank {rank} process died (exit code unknown)", None)
+                if message[0] == "ok":
+                    results[rank] = message[1]
+                elif failure is None:
+                    failure = RankError(rank, message[1], message[2])
+                    deadline = min(deadline, time.monotonic() + _FAILURE_GRACE_S)
+        if failure is not None:
+            # Ranks of a failed job may sit in a collective or in process-group teardown:
+            # replace them all rather than risk a hung worker serving the next job.
+            for rank in range(world_size):
+                self._kill(rank)
+            raise failure
+        if pending:
+            for rank in range(world_size):
+                self._kill(rank)
+            raise TimeoutError(
+                f"distributed job {fn.__module__}.{fn.__qualname__} did not finish on ranks "
+                f"{sorted(pending.values())} within {timeout:.0f} s"
+            )
+        return results
+
+    def close(self) -> None:
+        for slot, entry in enumerate(self._workers):
+            if entry is None:
+                continue
+            with contextlib.suppress(BrokenPipeError, OSError):
+                entry[1].send(None)
+            entry[0].join(timeout=5)
+            if entry[0].is_alive():
+                self._kill(slot)
+            self._workers[slot] = None
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    **kwargs: Any,
+) -> list[Any]:
+    """Spawn ``world_size`` gloo ranks on 127.0.0.1, run ``fn`` on each, return their results."""
+    with WorkerPool(world_size) as pool:
+        return pool.run(fn, world_size, *args, timeout=timeout, **kwargs)

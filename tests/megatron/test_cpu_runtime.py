@@ -1,0 +1,73 @@
+"""The CPU runtime runs Megatron-Core's real training step; the launcher surfaces failures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_eaft.megatron.launcher import RankError
+from tests.megatron import tiny_gpt
+
+
+def _train_step(tp: int, pp: int, distributed_optimizer: bool) -> dict[str, float]:
+    from megatron_eaft.megatron import cpu_runtime
+
+    cpu_runtime.initialize_parallel(tp=tp, pp=pp)
+    return tiny_gpt.one_training_step(distributed_optimizer=distributed_optimizer)
+
+
+@pytest.mark.parametrize(
+    ("tp", "pp", "distributed_optimizer"),
+    [(1, 1, False), (2, 1, False), (2, 1, True), (2, 2, True)],
+)
+def test_training_step_runs_and_matches_tp1(dist, tp, pp, distributed_optimizer):
+    reference = dist.run(_train_step, 1, 1, 1, False)[0]
+    results = dist.run(_train_step, tp * pp, tp, pp, distributed_optimizer)
+    last_stage = results[-1]
+    assert last_stage["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+    assert last_stage["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4)
+    assert last_stage["update_successful"]
+
+
+def _fork_draws() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    from megatron_eaft.megatron import cpu_runtime
+
+    cpu_runtime.initialize_parallel(tp=2)
+    outside_before = torch.rand(4)
+    with get_cuda_rng_tracker().fork():
+        inside = torch.rand(4)
+    outside_after = torch.rand(4)
+    del parallel_state
+    return outside_before, inside, outside_after
+
+
+def test_rng_tracker_forks_per_tensor_parallel_rank(dist):
+    (a0, in0, b0), (a1, in1, b1) = dist.run(_fork_draws, 2)
+    assert torch.equal(a0, a1) and torch.equal(b0, b1), "data-parallel stream must agree"
+    assert not torch.equal(in0, in1), "model-parallel stream must differ across TP ranks"
+    torch.manual_seed(1234)
+    expected_outside = torch.rand(8)
+    assert torch.equal(torch.cat([a0, b0]), expected_outside), "fork must restore the CPU stream"
+
+
+def _fail_on_rank_one() -> int:
+    rank = torch.distributed.get_rank()
+    if rank == 1:
+        raise ValueError("deliberate failure on rank 1")
+    torch.distributed.barrier()  # rank 0 waits here for a partner that never comes
+    return rank
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank()
+
+
+def test_rank_exception_is_reraised_and_pool_recovers(dist):
+    with pytest.raises(RankError, match="deliberate failure on rank 1") as info:
+        dist.run(_fail_on_rank_one, 2, timeout=60)
+    assert info.value.rank == 1
+    assert isinstance(info.value.exception, ValueError)
+    assert dist.run(_rank, 2) == [0, 1]
