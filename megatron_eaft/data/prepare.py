@@ -1,0 +1,337 @@
+"""JSONL chats -> a packed, loss-masked SFT dataset in Megatron-Core's indexed format.
+
+Three passes, so memory stays flat whatever the dataset size:
+
+1. tokenise every line (optionally in worker processes) into a staging IndexedDataset, one
+   sequence per sample, truncating samples longer than a row;
+2. plan the rows from the sample lengths alone (`megatron_eaft.data.packing`);
+3. copy the samples row by row into the final datasets.
+
+Everything is written into a temporary sibling directory that is renamed onto the output path
+only when complete, so an interrupted or failed run never leaves a half-written dataset.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from megatron_eaft.data.chat_encoding import ChatEncoder, LossOn, load_tokenizer
+from megatron_eaft.data.layout import (
+    LOSS_MASK_PREFIX,
+    TOKENS_PREFIX,
+    token_dtype,
+    write_metadata,
+)
+from megatron_eaft.data.packing import PackingMode, pack
+from megatron_eaft.data.records import (
+    DataFileError,
+    InputFormat,
+    RecordError,
+    count_lines,
+    iter_lines,
+    parse_record,
+)
+
+# Bad lines quoted in the summary and the metadata when --skip-bad counts them.
+MAX_REPORTED_BAD_LINES = 20
+
+
+@dataclass
+class PrepareConfig:
+    inputs: list[Path]
+    tokenizer: Path
+    output: Path
+    seq_length: int
+    input_format: InputFormat = "auto"
+    loss_on: LossOn = "all"
+    packing: PackingMode = "first-fit"
+    chat_template_file: Path | None = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    skip_bad: bool = False
+    workers: int = 1
+    # Row order is shuffled with this seed (None keeps packing order: first-fit opens the rows
+    # of the longest samples first, which a sequential reader would see as a curriculum).
+    shuffle_seed: int | None = 1234
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class PrepareSummary:
+    lines: int = 0
+    samples: int = 0
+    bad_lines: int = 0
+    truncated: int = 0
+    dropped_without_loss: int = 0
+    rows: int = 0
+    tokens: int = 0  # tokens of the samples written (after truncation)
+    positions: int = 0  # row positions they fill (one fewer per sample: the shift)
+    loss_tokens: int = 0  # positions whose label is an assistant token
+    padding: int = 0  # row positions left empty
+    bad_line_examples: list[str] = field(default_factory=list)
+
+    @property
+    def loss_fraction(self) -> float:
+        return self.loss_tokens / self.positions if self.positions else 0.0
+
+    @property
+    def padding_fraction(self) -> float:
+        total = self.positions + self.padding
+        return self.padding / total if total else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "loss_fraction": self.loss_fraction,
+            "padding_fraction": self.padding_fraction,
+        }
+
+    def format(self, config: PrepareConfig) -> str:
+        lines = [
+            f"{self.lines} lines -> {self.samples} samples in {self.rows} rows of "
+            f"{config.seq_length} ({config.packing} packing, loss on {config.loss_on} "
+            "assistant turns)",
+            f"tokens: {self.tokens:,}; trained on {self.loss_tokens:,} "
+            f"({100 * self.loss_fraction:.1f}% of filled positions); "
+            f"padding {100 * self.padding_fraction:.1f}% of row positions",
+            f"truncated samples (longer than {config.seq_length + 1} tokens): {self.truncated}",
+        ]
+        if self.dropped_without_loss:
+            lines.append(
+                f"dropped samples with no assistant token left after truncation: "
+                f"{self.dropped_without_loss}"
+            )
+        if self.bad_lines:
+            lines.append(f"bad lines skipped: {self.bad_lines}")
+            lines.extend(f"  {example}" for example in self.bad_line_examples)
+            if self.bad_lines > len(self.bad_line_examples):
+                lines.append(f"  ... and {self.bad_lines - len(self.bad_line_examples)} more")
+        return "\n".join(lines)
+
+
+# --- tokenisation (runs in the main process or in pool workers) ------------------------------
+
+_worker_encoder: ChatEncoder | None = None
+_worker_input_format: InputFormat = "auto"
+
+
+def _make_encoder(config: PrepareConfig) -> ChatEncoder:
+    template = None
+    if config.chat_template_file is not None:
+        template = Path(config.chat_template_file).read_text(encoding="utf-8")
+    return ChatEncoder(
+        load_tokenizer(config.tokenizer),
+        loss_on=config.loss_on,
+        chat_template=template,
+        template_kwargs=config.template_kwargs,
+    )
+
+
+def _init_worker(config: PrepareConfig) -> None:
+    global _worker_encoder, _worker_input_format
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_encoder = _make_encoder(config)
+    _worker_input_format = config.input_format
+
+
+def _encode_line(
+    item: tuple[Path, int, bytes],
+) -> tuple[Path, int, np.ndarray | None, np.ndarray | str]:
+    """(path, line, token ids, mask) or (path, line, None, reason) for a bad line."""
+    path, line_number, line = item
+    assert _worker_encoder is not None
+    try:
+        encoded = _worker_encoder.encode(parse_record(line, _worker_input_format))
+    except RecordError as error:
+        return path, line_number, None, str(error)
+    return path, line_number, encoded.token_ids, encoded.assistant_mask
+
+
+def _encoded_lines(
+    config: PrepareConfig, encoder: ChatEncoder, lines: Iterable[tuple[Path, int, bytes]]
+) -> Iterator[tuple[Path, int, np.ndarray | None, np.ndarray | str]]:
+    global _worker_encoder, _worker_input_format
+    if config.workers <= 1:
+        _worker_encoder, _worker_input_format = encoder, config.input_format
+        yield from map(_encode_line, lines)
+        return
+    # spawn: the Rust tokenizer's thread pool does not survive fork.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(config.workers, initializer=_init_worker, initargs=(config,)) as pool:
+        yield from pool.imap(_encode_line, lines, chunksize=64)
+
+
+# --- the three passes -----------------------------------------------------------------------
+
+
+def _tokenise_to_staging(
+    config: PrepareConfig,
+    encoder: ChatEncoder,
+    staging_prefix: Path,
+    dtype: type[np.number],
+    summary: PrepareSummary,
+) -> None:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    max_tokens = config.seq_length + 1  # a row of seq_length positions holds seq_length + 1 tokens
+    tokens_builder = IndexedDatasetBuilder(f"{staging_prefix}.{TOKENS_PREFIX}.bin", dtype=dtype)
+    mask_builder = IndexedDatasetBuilder(f"{staging_prefix}.{LOSS_MASK_PREFIX}.bin", np.uint8)
+    total = count_lines(config.inputs) if config.progress else None
+    lines = iter_lines(config.inputs)
+    with tqdm(total=total, unit=" lines", desc="tokenising", disable=not config.progress) as bar:
+        for path, line_number, token_ids, mask in _encoded_lines(config, encoder, lines):
+            bar.update()
+            summary.lines += 1
+            if token_ids is None:
+                assert isinstance(mask, str)
+                if not config.skip_bad:
+                    raise DataFileError(path, line_number, mask)
+                summary.bad_lines += 1
+                if len(summary.bad_line_examples) < MAX_REPORTED_BAD_LINES:
+                    summary.bad_line_examples.append(f"{path}:{line_number}: {mask}")
+                continue
+            assert isinstance(mask, np.ndarray)
+            if len(token_ids) > max_tokens:
+                token_ids, mask = token_ids[:max_tokens], mask[:max_tokens]
+                summary.truncated += 1
+            # Position t trains on token t + 1, so the first token's mask never counts.
+            if not mask[1:].any():
+                summary.dropped_without_loss += 1
+                continue
+            tokens_builder.add_item(torch.from_numpy(token_ids))
+            tokens_builder.end_document()
+            mask_builder.add_item(torch.from_numpy(mask))
+            mask_builder.end_document()
+            summary.samples += 1
+            summary.tokens += len(token_ids)
+            summary.positions += len(token_ids) - 1
+            summary.loss_tokens += int(mask[1:].sum())
+    tokens_builder.finalize(f"{staging_prefix}.{TOKENS_PREFIX}.idx")
+    mask_builder.finalize(f"{staging_prefix}.{LOSS_MASK_PREFIX}.idx")
+
+
+def _write_rows(
+    config: PrepareConfig,
+    staging_prefix: Path,
+    output_dir: Path,
+    dtype: type[np.number],
+    summary: PrepareSummary,
+) -> None:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    staged_tokens = IndexedDataset(f"{staging_prefix}.{TOKENS_PREFIX}")
+    staged_mask = IndexedDataset(f"{staging_prefix}.{LOSS_MASK_PREFIX}")
+    sizes = (staged_tokens.sequence_lengths.astype(np.int64) - 1).tolist()
+    rows = pack(sizes, config.seq_length, config.packing)
+    if config.shuffle_seed is not None:
+        order = np.random.default_rng(config.shuffle_seed).permutation(len(rows))
+        rows = [rows[i] for i in order]
+    summary.rows = len(rows)
+    summary.padding = len(rows) * config.seq_length - summary.positions
+
+    outputs = {
+        prefix: IndexedDatasetBuilder(str(output_dir / f"{prefix}.bin"), dtype=row_dtype)
+        for prefix, row_dtype in ((TOKENS_PREFIX, dtype), (LOSS_MASK_PREFIX, np.uint8))
+    }
+    for row in tqdm(rows, unit=" rows", desc="packing", disable=not config.progress):
+        for sample in row:
+            outputs[TOKENS_PREFIX].add_item(torch.from_numpy(staged_tokens[sample].copy()))
+            outputs[LOSS_MASK_PREFIX].add_item(torch.from_numpy(staged_mask[sample].copy()))
+        for builder in outputs.values():
+            builder.end_document()
+    for prefix, builder in outputs.items():
+        builder.finalize(str(output_dir / f"{prefix}.idx"))
+    del staged_tokens, staged_mask
+
+
+def _tokenizer_ids(tokenizer: Any) -> tuple[int, int | None]:
+    """(pad id for empty row positions, eos id). Any valid id works as padding: it is masked."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return (pad if pad is not None else 0), eos
+
+
+def _publish(temporary: Path, output: Path, overwrite: bool) -> None:
+    if output.exists():
+        if not overwrite:
+            raise FileExistsError(f"{output} exists (pass --overwrite to replace it)")
+        retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        os.replace(output, retired / output.name)
+        os.replace(temporary, output)
+        shutil.rmtree(retired)
+    else:
+        os.replace(temporary, output)
+
+
+def prepare_dataset(config: PrepareConfig) -> PrepareSummary:
+    """Runs the whole pipeline; raises DataFileError on a bad line unless config.skip_bad."""
+    if config.seq_length < 1:
+        raise ValueError(f"seq_length must be positive, got {config.seq_length}")
+    for path in config.inputs:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"input file not found: {path}")
+    output = Path(config.output).absolute()
+    if output.exists() and not config.overwrite:
+        raise FileExistsError(f"{output} exists (pass --overwrite to replace it)")
+    encoder = _make_encoder(config)  # fails on a bad tokenizer or template before any data
+    tokenizer = encoder.tokenizer
+    vocab_size = len(tokenizer)
+    dtype = token_dtype(vocab_size)
+    pad_token_id, eos_token_id = _tokenizer_ids(tokenizer)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    summary = PrepareSummary()
+    try:
+        staging_prefix = temporary / "staging"
+        _tokenise_to_staging(config, encoder, staging_prefix, dtype, summary)
+        if summary.samples == 0:
+            raise ValueError(
+                f"no training samples in {', '.join(map(str, config.inputs))} "
+                f"({summary.lines} lines, {summary.bad_lines} bad, "
+                f"{summary.dropped_without_loss} without assistant tokens)"
+            )
+        _write_rows(config, staging_prefix, temporary, dtype, summary)
+        for prefix in (TOKENS_PREFIX, LOSS_MASK_PREFIX):
+            for suffix in ("bin", "idx"):
+                os.remove(f"{staging_prefix}.{prefix}.{suffix}")
+        counts = summary.as_dict()
+        counts["bad_line_examples"] = summary.bad_line_examples
+        write_metadata(
+            temporary,
+            {
+                "seq_length": config.seq_length,
+                "packing": config.packing,
+                "loss_on": config.loss_on,
+                "label_shift": "per-sample: tokens = sample[:-1], labels = sample[1:], "
+                "loss_mask = mask[1:]",
+                "tokenizer": str(Path(config.tokenizer).absolute()),
+                "tokenizer_class": type(tokenizer).__name__,
+                "vocab_size": vocab_size,
+                "token_dtype": np.dtype(dtype).name,
+                "pad_token_id": pad_token_id,
+                "eos_token_id": eos_token_id,
+                "chat_template": str(config.chat_template_file or "tokenizer"),
+                "chat_template_kwargs": config.template_kwargs,
+                "inputs": [str(Path(path).absolute()) for path in config.inputs],
+                "input_format": config.input_format,
+                "shuffle_seed": config.shuffle_seed,
+                "counts": counts,
+            },
+        )
+        _publish(temporary, output, config.overwrite)
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary, ignore_errors=True)
+    return summary

@@ -1,0 +1,140 @@
+"""JSONL records -> conversations: format detection and validation.
+
+Two input formats, detected per line unless forced:
+
+* chat: ``{"messages": [{"role": ..., "content": ...}, ...], "tools": [...]?}`` (the Hugging
+  Face chat format; extra message keys such as ``tool_calls``, ``name``, ``tool_call_id`` or
+  ``reasoning_content`` are passed to the chat template untouched);
+* prompt-response: ``{"prompt": ..., "response": ..., "system": ...?}``, turned into a
+  one-turn chat so that both go through the model's chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+InputFormat = Literal["auto", "chat", "prompt-response"]
+INPUT_FORMATS: tuple[str, ...] = ("auto", "chat", "prompt-response")
+
+
+class RecordError(ValueError):
+    """A record that cannot be turned into a training sample (the message says why)."""
+
+
+class DataFileError(ValueError):
+    """A bad input line, located by file and line number."""
+
+    def __init__(self, path: str | Path, line_number: int, reason: str) -> None:
+        super().__init__(f"{path}:{line_number}: {reason}")
+        self.path = str(path)
+        self.line_number = line_number
+        self.reason = reason
+
+
+@dataclass
+class Conversation:
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    # Chat-template variables given per record (e.g. a per-sample "enable_thinking").
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _require_string(record: dict[str, Any], key: str) -> str:
+    value = record[key]
+    if not isinstance(value, str):
+        raise RecordError(f'"{key}" must be a string, got {type(value).__name__}')
+    return value
+
+
+def _parse_prompt_response(record: dict[str, Any]) -> Conversation:
+    messages: list[dict[str, Any]] = []
+    if record.get("system") is not None:
+        messages.append({"role": "system", "content": _require_string(record, "system")})
+    messages.append({"role": "user", "content": _require_string(record, "prompt")})
+    messages.append({"role": "assistant", "content": _require_string(record, "response")})
+    return Conversation(messages=messages)
+
+
+def _parse_chat(record: dict[str, Any]) -> Conversation:
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise RecordError('"messages" must be a non-empty list')
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise RecordError(f"{where} must be an object, got {type(message).__name__}")
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise RecordError(f'{where} has no "role" string')
+        content = message.get("content")
+        # Assistant tool calls may come without text; anything else needs a string.
+        if content is None and not (role == "assistant" and message.get("tool_calls")):
+            raise RecordError(f'{where} ({role}) has no "content"')
+        if content is not None and not isinstance(content, str):
+            raise RecordError(
+                f'{where} ({role}): "content" must be a string, got {type(content).__name__}'
+            )
+    if not any(message["role"] == "assistant" for message in messages):
+        raise RecordError("no assistant message: nothing to train on")
+    tools = record.get("tools")
+    if tools is not None and (
+        not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools)
+    ):
+        raise RecordError('"tools" must be a list of objects (JSON schemas)')
+    template_kwargs = record.get("chat_template_kwargs") or {}
+    if not isinstance(template_kwargs, dict):
+        raise RecordError('"chat_template_kwargs" must be an object')
+    return Conversation(messages=messages, tools=tools or None, template_kwargs=template_kwargs)
+
+
+def parse_record(line: str | bytes, input_format: InputFormat = "auto") -> Conversation:
+    """One JSONL line -> Conversation; raises RecordError saying what is wrong."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise RecordError(f"not valid UTF-8: {error}") from None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise RecordError(f"invalid JSON: {error}") from None
+    if not isinstance(record, dict):
+        raise RecordError(f"expected a JSON object, got {type(record).__name__}")
+    is_chat = "messages" in record
+    is_prompt_response = "prompt" in record and "response" in record
+    if input_format == "chat" or (input_format == "auto" and is_chat):
+        if not is_chat:
+            raise RecordError(f'no "messages" key (keys: {sorted(record)})')
+        return _parse_chat(record)
+    if input_format == "prompt-response" or (input_format == "auto" and is_prompt_response):
+        if not is_prompt_response:
+            raise RecordError(f'needs "prompt" and "response" keys (keys: {sorted(record)})')
+        return _parse_prompt_response(record)
+    raise RecordError(
+        f'unknown record format: expected "messages" or "prompt"+"response" keys, '
+        f"got {sorted(record)}"
+    )
+
+
+def iter_lines(paths: list[Path]) -> Iterator[tuple[Path, int, bytes]]:
+    """(path, 1-based line number, raw line) for every non-blank line of every file.
+
+    Bytes, so that one badly encoded line is reported by number instead of aborting the read.
+    """
+    for path in paths:
+        with open(path, "rb") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if line.strip():
+                    yield path, line_number, line
+
+
+def count_lines(paths: list[Path]) -> int:
+    total = 0
+    for path in paths:
+        with open(path, "rb") as handle:
+            total += sum(1 for line in handle if line.strip())
+    return total
