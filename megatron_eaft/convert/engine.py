@@ -1,0 +1,496 @@
+"""The conversion engine: expands a family table over layers and experts and streams tensors.
+
+Import (HF safetensors -> torch_dist) and export (torch_dist -> HF safetensors) walk the same
+:class:`ConversionPlan` in the same order (embeddings, then layer by layer, then the final
+norm and output layer, roughly the order HF files store them), converting one
+(row, layer, expert) unit at a time: peak memory is one unit's tensors, the largest being
+the embedding, never the model. Everything is checked before the first byte of data moves:
+missing, unexpected and mis-shaped tensors are reported together, by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from megatron_eaft.convert import checkpoint as ckpt
+from megatron_eaft.convert.families import family_for_hf_config, get_family
+from megatron_eaft.convert.family import (
+    DEFAULT_VOCAB_DIVISOR,
+    EXPERT,
+    LAYER,
+    Dims,
+    HFConfig,
+    ModelFamily,
+    PadVocab,
+    Param,
+    Shape,
+    check_transformer_impl,
+    padded_vocab_size,
+)
+from megatron_eaft.convert.hf_io import (
+    CONFIG_FILE,
+    PlannedTensor,
+    SafetensorsReader,
+    SafetensorsShardWriter,
+    plan_shards,
+    read_json,
+)
+from megatron_eaft.convert.torch_dist import TorchDistReader, TorchDistWriter
+
+DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# How HF configs spell dtypes ("torch_dtype" in transformers 4, "dtype" in 5).
+HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+# Keys Megatron training checkpoints hold next to the model that export leaves behind.
+NON_MODEL_KEY_PREFIXES = ("optimizer.", "rng_state", "rerun_state_machine_state")
+MAX_LISTED = 20
+
+
+class ConversionError(ValueError):
+    """The source checkpoint does not match what its family expects; lists the keys."""
+
+
+def _listing(title: str, items: Sequence[str]) -> str:
+    shown = "\n    ".join(items[:MAX_LISTED])
+    more = f"\n    ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return f"  {title} ({len(items)}):\n    {shown}{more}"
+
+
+def mismatch_error(
+    what: str, missing: Sequence[str], unexpected: Sequence[str], misshaped: Sequence[str]
+) -> ConversionError | None:
+    if not (missing or unexpected or misshaped):
+        return None
+    parts = [f"{what}:"]
+    if missing:
+        parts.append(_listing("missing", sorted(missing)))
+    if unexpected:
+        parts.append(_listing("unexpected", sorted(unexpected)))
+    if misshaped:
+        parts.append(_listing("wrong shape", sorted(misshaped)))
+    return ConversionError("\n".join(parts))
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One Megatron chunk to convert: a row of the table at one layer and expert."""
+
+    param: Param
+    key: str
+    layer: int | None
+    expert: int | None
+    hf_names: tuple[str, ...]
+    hf_shapes: tuple[Shape, ...]
+    shape: Shape  # this chunk's shape without the layer / expert axes
+    global_shape: Shape
+
+    @property
+    def prefix(self) -> tuple[int, ...]:
+        """Offsets along the leading layer / expert axes."""
+        return tuple(i for i in (self.layer, self.expert) if i is not None)
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    family: ModelFamily
+    hf: HFConfig
+    dims: Dims
+    transformer_impl: str
+    params: tuple[Param, ...]
+
+    def _rows(self, placement: str) -> list[Param]:
+        if placement == "layers":
+            return [p for p in self.params if p.per_layer]
+        rows = [p for p in self.params if not p.per_layer]
+        embedding = [p for p in rows if p.key(self.transformer_impl).startswith("embedding.")]
+        if placement == "first":
+            return embedding
+        return [p for p in rows if p not in embedding]
+
+    def units(self) -> Iterator[Unit]:
+        for param in self._rows("first"):
+            yield self._unit(param, None, None)
+        for layer in range(self.dims.layers):
+            for param in self._rows("layers"):
+                experts = range(self.dims.experts) if param.per_expert else [None]
+                for expert in experts:
+                    yield self._unit(param, layer, expert)
+        for param in self._rows("last"):
+            yield self._unit(param, None, None)
+
+    def _unit(self, param: Param, layer: int | None, expert: int | None) -> Unit:
+        names = tuple(
+            n.replace(LAYER, str(layer)).replace(EXPERT, str(expert)) for n in param.hf_names
+        )
+        hf_shapes = tuple(self.dims.resolve(s) for s in param.hf_shapes)
+        shape = tuple(param.transform.megatron_shape(hf_shapes, self.dims))
+        leading = tuple(
+            n
+            for n, used in ((self.dims.layers, layer), (self.dims.experts, expert))
+            if used is not None
+        )
+        return Unit(
+            param=param,
+            key=param.key(self.transformer_impl),
+            layer=layer,
+            expert=expert,
+            hf_names=names,
+            hf_shapes=hf_shapes,
+            shape=shape,
+            global_shape=(*leading, *shape),
+        )
+
+    def global_shapes(self) -> dict[str, Shape]:
+        shapes: dict[str, Shape] = {}
+        for param in self.params:
+            probe = self._unit(
+                param, 0 if param.per_layer else None, 0 if param.per_expert else None
+            )
+            shapes[probe.key] = probe.global_shape
+        return shapes
+
+    def extra_state_objects(self) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+        """(key, offset, global shape) of each ``_extra_state`` Megatron's linear layers save.
+
+        Megatron-Core's linear layers (local and Transformer Engine) carry an ``_extra_state``
+        (FP8 metadata; None without FP8) saved as one ShardedObject per layer (and expert).
+        """
+        objects = []
+        seen = set()
+        for param in self.params:
+            key = param.key(self.transformer_impl)
+            module, _, leaf = key.rpartition(".")
+            if (
+                not param.per_layer
+                or leaf != "weight"
+                or not module.rpartition(".")[2].startswith("linear_")
+            ):
+                continue
+            if module in seen:
+                continue
+            seen.add(module)
+            shape = (
+                (self.dims.layers, self.dims.experts) if param.per_expert else (self.dims.layers,)
+            )
+            for index in _grid(shape):
+                objects.append((f"{module}._extra_state", index, shape))
+        return objects
+
+    def expected_hf(self) -> dict[str, Shape]:
+        return {n: s for u in self.units() for n, s in zip(u.hf_names, u.hf_shapes, strict=True)}
+
+    def ignored_hf(self) -> set[str]:
+        names = set()
+        for pattern in self.family.ignored_hf(self.hf):
+            if LAYER in pattern:
+                names.update(pattern.replace(LAYER, str(i)) for i in range(self.dims.layers))
+            else:
+                names.add(pattern)
+        return names
+
+
+def _grid(shape: Sequence[int]) -> Iterator[tuple[int, ...]]:
+    if not shape:
+        yield ()
+        return
+    for i in range(shape[0]):
+        for rest in _grid(shape[1:]):
+            yield (i, *rest)
+
+
+def plan_conversion(
+    family: ModelFamily,
+    hf_config: Mapping[str, Any],
+    *,
+    transformer_impl: str = "local",
+    padded_vocab: int | None = None,
+    make_vocab_size_divisible_by: int = DEFAULT_VOCAB_DIVISOR,
+) -> ConversionPlan:
+    check_transformer_impl(transformer_impl)
+    hf = hf_config if isinstance(hf_config, HFConfig) else HFConfig(hf_config)
+    family.transformer_config_kwargs(hf)  # validates the config
+    dims = family.dims(hf)
+    if padded_vocab is None:
+        padded_vocab = padded_vocab_size(dims.vocab, make_vocab_size_divisible_by)
+    if padded_vocab < dims.vocab:
+        raise ValueError(f"padded vocab {padded_vocab} is smaller than vocab_size {dims.vocab}")
+    dims = replace(dims, padded_vocab=padded_vocab)
+    return ConversionPlan(family, hf, dims, transformer_impl, family.active_params(hf))
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConversionSummary:
+    direction: str
+    tensors: int
+    bytes: int
+    seconds: float
+    output: Path
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / 1e9 / self.seconds if self.seconds > 0 else float("inf")
+
+    def line(self) -> str:
+        return (
+            f"{self.direction}: {self.tensors} tensors, {self.bytes / 1e9:.3f} GB in "
+            f"{self.seconds:.1f} s ({self.gb_per_s:.2f} GB/s) -> {self.output}"
+        )
+
+
+def _progress(total: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=not enabled,
+        dynamic_ncols=True,
+        leave=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Import: HF -> Megatron
+# ---------------------------------------------------------------------------------------------
+
+
+def check_hf_tensors(plan: ConversionPlan, reader: SafetensorsReader) -> None:
+    expected = plan.expected_hf()
+    ignored = plan.ignored_hf()
+    missing = [n for n in expected if n not in reader.tensors]
+    unexpected = [n for n in reader.tensors if n not in expected and n not in ignored]
+    misshaped = [
+        f"{n}: expected {list(shape)}, found {list(reader.tensors[n].shape)}"
+        for n, shape in expected.items()
+        if n in reader.tensors and reader.tensors[n].shape != shape
+    ]
+    error = mismatch_error(
+        f"{reader.directory} does not match its {plan.family.name} config.json",
+        missing,
+        unexpected,
+        misshaped,
+    )
+    if error:
+        raise error
+
+
+def _source_dtype(plan: ConversionPlan, reader: SafetensorsReader) -> torch.dtype:
+    dtypes = {reader.tensors[n].dtype for n in plan.expected_hf()}
+    if len(dtypes) != 1:
+        raise ConversionError(
+            f"{reader.directory} mixes dtypes {sorted(map(str, dtypes))}; choose one with --dtype"
+        )
+    (dtype,) = dtypes
+    if dtype not in DTYPE_NAMES:
+        raise ConversionError(
+            f"{reader.directory} stores {dtype}; choose one of {list(DTYPES)} with --dtype"
+        )
+    return dtype
+
+
+def import_hf_checkpoint(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    transformer_impl: str = "local",
+    make_vocab_size_divisible_by: int = DEFAULT_VOCAB_DIVISOR,
+    force: bool = False,
+    progress: bool = True,
+    fsync: bool = True,
+) -> ConversionSummary:
+    """HF safetensors directory -> Megatron checkpoint root (tracker + release/ + metadata)."""
+    start = time.perf_counter()
+    hf_dir = Path(hf_dir)
+    config_path = hf_dir / CONFIG_FILE
+    hf_config = read_json(config_path)
+    family = family_for_hf_config(hf_config)
+    plan = plan_conversion(
+        family,
+        HFConfig(hf_config, str(config_path)),
+        transformer_impl=transformer_impl,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+    )
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise FileExistsError(f"{out_dir} exists; pass --force to overwrite it")
+    with SafetensorsReader(hf_dir) as reader:
+        check_hf_tensors(plan, reader)
+        target_dtype = DTYPES[dtype] if dtype else _source_dtype(plan, reader)
+        total = sum(reader.tensors[n].nbytes for n in plan.expected_hf())
+        tensors = 0
+        with ckpt.atomic_output_dir(out_dir, force=force) as tmp:
+            writer = TorchDistWriter(tmp / ckpt.RELEASE, fsync=fsync)
+            try:
+                with _progress(total, "import", progress) as bar:
+                    for unit in plan.units():
+                        hf_tensors = [reader.read(n).to(target_dtype) for n in unit.hf_names]
+                        for row, piece in unit.param.transform.to_megatron(hf_tensors, plan.dims):
+                            offsets = (*unit.prefix, row, *([0] * (piece.dim() - 1)))
+                            writer.write_chunk(
+                                unit.key,
+                                piece.reshape(*[1] * len(unit.prefix), *piece.shape),
+                                offsets,
+                                unit.global_shape,
+                            )
+                        tensors += len(hf_tensors)
+                        bar.update(sum(reader.tensors[n].nbytes for n in unit.hf_names))
+                        del hf_tensors
+                for key, offset, shape in plan.extra_state_objects():
+                    writer.write_object(key, None, offset, shape)
+                writer.finish()
+            finally:
+                writer.close()
+            (tmp / ckpt.TRACKER_FILE).write_text(ckpt.RELEASE)
+            ckpt.write_model_metadata(
+                tmp,
+                ckpt.model_metadata(
+                    hf_config=hf_config,
+                    family=family.name,
+                    padded_vocab_size=plan.dims.padded_vocab,
+                    make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                    dtype=DTYPE_NAMES[target_dtype],
+                    transformer_impl=transformer_impl,
+                    source=str(hf_dir.absolute()),
+                ),
+            )
+            ckpt.copy_side_files(hf_dir, tmp / ckpt.HF_FILES_DIR)
+    return ConversionSummary("import", tensors, total, time.perf_counter() - start, out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: Megatron -> HF
+# ---------------------------------------------------------------------------------------------
+
+
+def check_megatron_tensors(plan: ConversionPlan, reader: TorchDistReader) -> None:
+    expected = plan.global_shapes()
+    stored = reader.tensor_keys()
+    model_keys = {k: v for k, v in stored.items() if not k.startswith(NON_MODEL_KEY_PREFIXES)}
+    missing = [k for k in expected if k not in model_keys]
+    unexpected = [k for k in model_keys if k not in expected]
+    misshaped = [
+        f"{k}: expected {list(shape)}, found {list(model_keys[k][0])}"
+        for k, shape in expected.items()
+        if k in model_keys and model_keys[k][0] != shape
+    ]
+    error = mismatch_error(
+        f"{reader.directory} does not match its {plan.family.name} model",
+        missing,
+        unexpected,
+        misshaped,
+    )
+    if error:
+        raise error
+
+
+def _stored_padded_vocab(plan: ConversionPlan, reader: TorchDistReader) -> int | None:
+    """Rows of the stored embedding: a trainer may have padded for its own TP size."""
+    stored = reader.tensor_keys()
+    for param in plan.params:
+        key = param.key(plan.transformer_impl)
+        if isinstance(param.transform, PadVocab) and key in stored:
+            return stored[key][0][0]
+    return None
+
+
+def export_megatron_checkpoint(
+    megatron_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    iteration: int | str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    force: bool = False,
+    progress: bool = True,
+    fsync: bool = True,
+) -> ConversionSummary:
+    """Megatron checkpoint root -> HF directory (config.json, safetensors shards, tokenizer)."""
+    start = time.perf_counter()
+    root = Path(megatron_dir)
+    metadata = ckpt.read_model_metadata(root)
+    family = get_family(metadata["family"])
+    hf_config = dict(metadata["hf_config"])
+    reader = TorchDistReader(ckpt.checkpoint_dir(root, iteration))
+    plan = plan_conversion(
+        family,
+        HFConfig(hf_config, f"{root / ckpt.MODEL_METADATA_FILE}:hf_config"),
+        transformer_impl=metadata["transformer_impl"],
+        padded_vocab=metadata["padded_vocab_size"],
+    )
+    stored_vocab = _stored_padded_vocab(plan, reader)
+    if stored_vocab is not None and stored_vocab != plan.dims.padded_vocab:
+        plan = replace(plan, dims=replace(plan.dims, padded_vocab=stored_vocab))
+    check_megatron_tensors(plan, reader)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise FileExistsError(f"{out_dir} exists; pass --force to overwrite it")
+
+    stored = reader.tensor_keys()
+    target_dtype = DTYPES[dtype] if dtype else None
+    planned = [
+        PlannedTensor(name, target_dtype or stored[unit.key][1], shape)
+        for unit in plan.units()
+        for name, shape in zip(unit.hf_names, unit.hf_shapes, strict=True)
+    ]
+    total = sum(t.nbytes for t in planned)
+    with ckpt.atomic_output_dir(out_dir, force=force) as tmp:
+        writer = SafetensorsShardWriter(tmp, plan_shards(planned, max_shard_bytes), fsync=fsync)
+        try:
+            with _progress(total, "export", progress) as bar:
+                for unit in plan.units():
+                    region = reader.read(
+                        unit.key,
+                        (*unit.prefix, *([0] * len(unit.shape))),
+                        (*([1] * len(unit.prefix)), *unit.shape),
+                    ).reshape(unit.shape)
+                    if target_dtype is not None:
+                        region = region.to(target_dtype)
+                    hf_tensors = unit.param.transform.to_hf(region, unit.hf_shapes, plan.dims)
+                    for name, tensor in zip(unit.hf_names, hf_tensors, strict=True):
+                        writer.write(name, tensor)
+                        bar.update(tensor.numel() * tensor.element_size())
+                    del region, hf_tensors
+            writer.finish()
+        finally:
+            writer.close()
+        written_dtype = target_dtype or (planned[0].dtype if planned else None)
+        _write_hf_config(tmp / CONFIG_FILE, hf_config, written_dtype)
+        side = root / ckpt.HF_FILES_DIR
+        if side.is_dir():
+            ckpt.copy_side_files(side, tmp)
+    return ConversionSummary("export", len(planned), total, time.perf_counter() - start, out_dir)
+
+
+def _write_hf_config(path: Path, hf_config: dict[str, Any], dtype: torch.dtype | None) -> None:
+    config = dict(hf_config)
+    if dtype is not None:
+        for key in ("torch_dtype", "dtype"):
+            if key in config:
+                config[key] = HF_DTYPE_NAMES[dtype]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
