@@ -99,7 +99,12 @@ def _worker_main(conn: Connection, preload: bool) -> None:
             _end_job()
             continue
         _end_job()
-        conn.send(("ok", result))
+        try:
+            conn.send(("ok", result))
+        except Exception as exc:  # an unpicklable result is the job's bug, not the pool's
+            conn.send(
+                ("error", f"rank {job['rank']} returned an unpicklable result: {exc!r}", None)
+            )
 
 
 class WorkerPool:
@@ -204,15 +209,17 @@ class WorkerPool:
         return results
 
     def close(self) -> None:
-        for slot, entry in enumerate(self._workers):
-            if entry is None:
-                continue
-            with contextlib.suppress(BrokenPipeError, OSError):
-                entry[1].send(None)
-            entry[0].join(timeout=5)
-            if entry[0].is_alive():
+        # Workers hold no state worth a clean interpreter shutdown (which costs seconds with
+        # megatron imported): ask them to stop, then make sure they have.
+        for entry in self._workers:
+            if entry is not None:
+                with contextlib.suppress(BrokenPipeError, OSError):
+                    entry[1].send(None)
+        for slot in range(self.size):
+            entry = self._workers[slot]
+            if entry is not None:
+                entry[0].join(timeout=1)
                 self._kill(slot)
-            self._workers[slot] = None
 
     def __enter__(self) -> WorkerPool:
         return self
