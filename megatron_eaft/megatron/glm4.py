@@ -86,6 +86,14 @@ class Glm4TransformerLayer(TransformerLayer):
                 "Glm4TransformerLayer does not support inference_fuse_tp_communication: "
                 "the GLM-4 post-attention / post-MLP norms would be skipped"
             )
+        if config.rotary_interleaved and getattr(config, "fused_single_qkv_rope", False):
+            # Megatron-Core's single-kernel QKV RoPE (apply_fused_qkv_rotary_pos_emb) is called
+            # without the interleave flag and would rotate GLM-4's pairs as halves, silently.
+            raise ValueError(
+                "Glm4TransformerLayer: fused_single_qkv_rope ignores rotary_interleaved in "
+                "Megatron-Core and would apply GLM-4's interleaved RoPE as half-split RoPE; "
+                "set fused_single_qkv_rope=False (apply_rope_fusion honours interleaving)"
+            )
         super().__init__(config, submodules, *args, **kwargs)
         if self.is_moe_layer:
             raise ValueError("Glm4TransformerLayer is the dense GLM-4 layer; got an MoE mlp")

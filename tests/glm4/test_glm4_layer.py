@@ -231,3 +231,19 @@ def test_layer_spec_rejects_what_it_cannot_build():
     if not HAVE_TE:
         with pytest.raises(ImportError, match="Transformer Engine"):
             glm4_layer_spec("transformer_engine")
+
+
+def test_layer_refuses_megatron_rope_path_that_drops_the_interleave():
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_eaft.megatron.glm4 import Glm4TransformerLayer, glm4_layer_submodules
+
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=64,
+        num_attention_heads=4,
+        rotary_interleaved=True,
+        fused_single_qkv_rope=True,
+    )
+    with pytest.raises(ValueError, match="fused_single_qkv_rope"):
+        Glm4TransformerLayer(config, glm4_layer_submodules("local"))
