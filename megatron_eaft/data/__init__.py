@@ -1,29 +1,36 @@
 """SFT data: JSONL chats -> packed, loss-masked Megatron indexed datasets, and their reader.
 
-Megatron-Core is imported only where the indexed format is read or written, so tokenisation
-helpers stay cheap to import.
+Names are imported on first use, so that `megatron-eaft --help` and the tokenisation helpers
+do not pay for torch and Megatron-Core.
 """
 
-from megatron_eaft.data.chat_encoding import ChatEncoder, EncodedChat, load_tokenizer
-from megatron_eaft.data.packing import pack, pack_first_fit_decreasing, pack_greedy
-from megatron_eaft.data.prepare import PrepareConfig, PrepareSummary, prepare_dataset
-from megatron_eaft.data.records import Conversation, DataFileError, RecordError, parse_record
-from megatron_eaft.data.sft_dataset import SFTDataset, collate_sft_rows
+from __future__ import annotations
 
-__all__ = [
-    "ChatEncoder",
-    "Conversation",
-    "DataFileError",
-    "EncodedChat",
-    "PrepareConfig",
-    "PrepareSummary",
-    "RecordError",
-    "SFTDataset",
-    "collate_sft_rows",
-    "load_tokenizer",
-    "pack",
-    "pack_first_fit_decreasing",
-    "pack_greedy",
-    "parse_record",
-    "prepare_dataset",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ChatEncoder": "chat_encoding",
+    "EncodedChat": "chat_encoding",
+    "load_tokenizer": "chat_encoding",
+    "pack": "packing",
+    "pack_first_fit_decreasing": "packing",
+    "pack_greedy": "packing",
+    "PrepareConfig": "prepare",
+    "PrepareSummary": "prepare",
+    "prepare_dataset": "prepare",
+    "Conversation": "records",
+    "DataFileError": "records",
+    "RecordError": "records",
+    "parse_record": "records",
+    "SFTDataset": "sft_dataset",
+    "collate_sft_rows": "sft_dataset",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

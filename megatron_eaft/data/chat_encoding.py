@@ -24,6 +24,7 @@ defeats both methods is reported instead of silently training on the wrong token
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from dataclasses import dataclass
@@ -149,7 +150,13 @@ class ChatEncoder:
         full = self.render(conversation, messages)
         encoding = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         token_ids = np.asarray(encoding["input_ids"], dtype=np.int64)
-        offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        # fromiter over the flattened (start, end) pairs: several times faster than asarray
+        # on a list of tuples, which showed up in profiles of long chats.
+        offsets = np.fromiter(
+            itertools.chain.from_iterable(encoding["offset_mapping"]),
+            dtype=np.int64,
+            count=2 * len(token_ids),
+        ).reshape(-1, 2)
 
         if self.uses_generation_tags(conversation.tools):
             mask = self._generation_tag_mask(conversation, messages, full, offsets)
