@@ -126,7 +126,10 @@ class WorkerPool:
         if entry is None or not entry[0].is_alive():
             parent_conn, child_conn = self._context.Pipe()
             process = self._context.Process(
-                target=_worker_main, args=(child_conn, self._preload), daemon=True
+                # Not daemonic: Megatron's checkpoint writer starts its own helper processes.
+                target=_worker_main,
+                args=(child_conn, self._preload),
+                daemon=False,
             )
             process.start()
             child_conn.close()
@@ -186,8 +189,8 @@ class WorkerPool:
                 rank = pending.pop(conn)
                 try:
                     message = conn.recv()
-                except EOFError:
-                    message = ("error", f"rank {rank} process died (exit code unknown)", None)
+                except (EOFError, OSError):
+                    message = ("error", f"rank {rank}: worker process died", None)
                 if message[0] == "ok":
                     results[rank] = message[1]
                 elif failure is None:

@@ -114,8 +114,18 @@ def _forward_step(data_iterator, model):
     return output, partial(_loss_func, data["loss_mask"])
 
 
-def one_training_step(distributed_optimizer: bool, num_microbatches: int = 2) -> dict[str, float]:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+def one_training_step(
+    distributed_optimizer: bool,
+    num_microbatches: int = 2,
+    forward_step=_forward_step,
+    report_key: str = "lm loss",
+    data_parallel_rank: int = 0,
+) -> dict[str, float]:
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -138,11 +148,16 @@ def one_training_step(distributed_optimizer: bool, num_microbatches: int = 2) ->
         ),
         [ddp_model],
     )
+    # What Megatron-LM's setup wires in: DP/PP grad reduction after the last micro-batch.
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp_model.no_sync
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
-    batches = iter([batch(seed) for seed in range(num_microbatches)])
+    # Each data-parallel rank takes its own micro-batches of the same global batch.
+    first = data_parallel_rank * num_microbatches
+    batches = iter([batch(seed) for seed in range(first, first + num_microbatches)])
     reports = get_forward_backward_func()(
-        forward_step_func=_forward_step,
+        forward_step_func=forward_step,
         data_iterator=batches,
         model=[ddp_model],
         num_microbatches=num_microbatches,
@@ -151,12 +166,14 @@ def one_training_step(distributed_optimizer: bool, num_microbatches: int = 2) ->
         forward_only=False,
     )
     update_successful, grad_norm, _ = optimizer.step()
-    loss = float("nan")
-    if reports:
-        totals = sum(report["lm loss"] for report in reports)
-        loss = float(totals[0] / totals[1])
+    loss_sum, tokens = float("nan"), 0.0
+    if reports:  # only the last pipeline stage computes the loss
+        totals = sum(report[report_key] for report in reports)
+        loss_sum, tokens = float(totals[0]), float(totals[1])
     return {
-        "loss": loss,
+        "loss": loss_sum / tokens if tokens else float("nan"),
+        "loss_sum": loss_sum,
+        "tokens": tokens,
         "grad_norm": float(grad_norm),
         "update_successful": bool(update_successful),
     }

@@ -1,0 +1,259 @@
+"""EAFT inside a Megatron-Core GPTModel, and the forward step / loss function around it.
+
+The seam is ``LanguageModule.compute_language_model_loss(labels, logits)``: every loss the
+model computes on its last pipeline stage (the main loss and multi-token-prediction losses,
+with or without ``cross_entropy_loss_fusion``) goes through it, under any TP/PP/DP/CP layout.
+:func:`install_eaft_loss` shadows it on one model instance; the handle's ``remove()`` puts
+Megatron's own method back. The per-token statistics ride on the returned loss tensor
+(``loss.eaft_stats``), which is the very object Megatron's schedules hand to the loss function.
+
+:class:`EAFTForwardStep` is a forward step with Megatron's signature
+``(data_iterator, model) -> (output_tensor, loss_func)``; it installs the loss on first use,
+so it drops into Megatron-LM's ``pretrain()`` and Megatron-Bridge's ``finetune()`` as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import torch
+
+from megatron_eaft.ops import EAFTConfig, TokenLoss, vocab_parallel_weighted_cross_entropy
+from megatron_eaft.ops.weighting import confident_conflicts
+
+REPORT_KEYS = (
+    "lm loss",
+    "eaft loss",
+    "eaft/mean_weight",
+    "eaft/mean_entropy",
+    "eaft/confident_conflict_frac",
+)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel under DDP / Float16Module / FSDP wrappers (they all expose ``.module``)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _tp_group(model: torch.nn.Module):
+    group = getattr(model, "tp_group", None)
+    if group is None:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_tensor_model_parallel_group()
+    return group
+
+
+@dataclasses.dataclass
+class EAFTLossHandle:
+    """Undoes :func:`install_eaft_loss`."""
+
+    model: torch.nn.Module
+    config: EAFTConfig
+
+    def remove(self) -> None:
+        if self.model.__dict__.get("_eaft_handle") is not self:
+            return
+        self.model.__dict__.pop("compute_language_model_loss", None)
+        del self.model._eaft_handle
+
+
+def install_eaft_loss(model: torch.nn.Module, config: EAFTConfig) -> EAFTLossHandle:
+    """Make ``model`` (a GPTModel, wrapped or not) compute the token-weighted loss.
+
+    Installing again replaces the previous configuration. With ``kind="sft"`` and diagnostics
+    off, Megatron's own cross-entropy stays in place untouched.
+    """
+    core = unwrap_model(model)
+    if not hasattr(core, "compute_language_model_loss"):
+        raise TypeError(
+            f"{type(core).__name__} has no compute_language_model_loss: EAFT needs a "
+            "Megatron-Core LanguageModule such as GPTModel"
+        )
+    previous = core.__dict__.get("_eaft_handle")
+    if previous is not None:
+        previous.remove()
+    handle = EAFTLossHandle(core, config)
+    core._eaft_handle = handle
+    if config.kind == "sft" and not config.diagnostics:
+        return handle
+
+    tp_group = _tp_group(core)
+
+    def compute_language_model_loss(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        # Megatron's layout: labels [b, s], logits [s, b, V/TP]; the loss comes back [b, s].
+        out = vocab_parallel_weighted_cross_entropy(
+            logits, labels.transpose(0, 1).contiguous(), config, tp_group
+        )
+        per_token = TokenLoss(*(t.transpose(0, 1).contiguous() for t in out))
+        loss = per_token.loss
+        loss.eaft_stats = per_token
+        return loss
+
+    core.compute_language_model_loss = compute_language_model_loss
+    return handle
+
+
+def installed_config(model: torch.nn.Module) -> EAFTConfig | None:
+    handle = unwrap_model(model).__dict__.get("_eaft_handle")
+    return None if handle is None else handle.config
+
+
+def _pair(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    return torch.stack([total.detach().float(), count.float()])
+
+
+def eaft_loss_func(
+    loss_mask: torch.Tensor,
+    output_tensor: torch.Tensor,
+    *,
+    config: EAFTConfig,
+    training: bool = True,
+    check_for_nan: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Megatron's ``(loss_sum, num_tokens, report)`` contract for the per-token EAFT loss.
+
+    The optimised loss is ``sum(w * CE)`` over loss-masked tokens (plain CE in evaluation);
+    the schedule divides it by the token count. Report values are ``[sum, count]``.
+    """
+    mask = loss_mask.reshape(-1).float()
+    num_tokens = mask.sum().to(torch.int)
+    stats: TokenLoss | None = getattr(output_tensor, "eaft_stats", None)
+    if stats is None:  # Megatron's own CE (kind sft without diagnostics)
+        ce_sum = (output_tensor.float().reshape(-1) * mask).sum()
+        report = {"lm loss": _pair(ce_sum, num_tokens), "eaft loss": _pair(ce_sum, num_tokens)}
+        loss_sum = ce_sum
+    else:
+        ce = stats.ce.reshape(-1)
+        ce_sum = (ce * mask).sum()
+        weighted_sum = (output_tensor.float().reshape(-1) * mask).sum()
+        loss_sum = weighted_sum if training else ce_sum
+        report = {
+            "lm loss": _pair(ce_sum, num_tokens),
+            "eaft loss": _pair(weighted_sum, num_tokens),
+            "eaft/mean_weight": _pair((stats.weight.reshape(-1) * mask).sum(), num_tokens),
+        }
+        entropy = stats.entropy.reshape(-1)
+        if not torch.isnan(entropy).all():
+            conflicts = confident_conflicts(config, entropy, stats.target_prob.reshape(-1))
+            report["eaft/mean_entropy"] = _pair((entropy * mask).sum(), num_tokens)
+            report["eaft/confident_conflict_frac"] = _pair(
+                (conflicts.float() * mask).sum(), num_tokens
+            )
+    if check_for_nan:
+        _validate_loss(loss_sum)
+    return loss_sum, num_tokens, report
+
+
+def _validate_loss(loss_sum: torch.Tensor) -> None:
+    """Megatron's NaN / Inf checks, through its rerun state machine (fault attribution)."""
+    from megatron.core.rerun_state_machine import get_rerun_state_machine
+
+    machine = get_rerun_state_machine()
+    machine.validate_result(
+        result=loss_sum,
+        rejection_func=torch.isnan,
+        message="found NaN in local forward loss calculation",
+        tolerance=0.0,
+        fatal=True,
+    )
+    machine.validate_result(
+        result=loss_sum,
+        rejection_func=torch.isinf,
+        message="found Inf in local forward loss calculation",
+        tolerance=0.0,
+        fatal=True,
+    )
+
+
+def uses_local_attention(model: torch.nn.Module) -> bool:
+    """Megatron's local DotProductAttention cannot take packed (THD) sequences."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    return any(isinstance(m, DotProductAttention) for m in unwrap_model(model).modules())
+
+
+def packed_causal_mask(cu_seqlens: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """Block-diagonal causal mask [1, 1, s, s] (True = masked) for documents packed in a row."""
+    positions = torch.arange(seq_length, device=cu_seqlens.device)
+    document = torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
+    same_document = document.unsqueeze(0) == document.unsqueeze(1)
+    causal = positions.unsqueeze(0) <= positions.unsqueeze(1)
+    return ~(same_document & causal).unsqueeze(0).unsqueeze(0)
+
+
+def packed_seq_params(cu_seqlens: torch.Tensor):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    max_length = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        max_seqlen_q=max_length,
+        max_seqlen_kv=max_length,
+    )
+
+
+def _to_device(batch: dict[str, Any]) -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        return batch
+    return {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def model_inputs(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, Any]:
+    """GPTModel.forward keyword arguments for a batch (tokens, labels, position_ids, and for
+    packed rows cu_seqlens: THD params where the attention supports them, else a mask)."""
+    tokens = batch["tokens"]
+    inputs: dict[str, Any] = {
+        "input_ids": tokens,
+        "position_ids": batch["position_ids"],
+        "attention_mask": batch.get("attention_mask"),
+        "labels": batch["labels"],
+    }
+    cu_seqlens = batch.get("cu_seqlens")
+    if cu_seqlens is not None:
+        if tokens.size(0) != 1:
+            raise ValueError(
+                f"packed sequences need micro-batch size 1 (one packed row), got {tokens.size(0)}"
+            )
+        cu_seqlens = cu_seqlens.reshape(-1)
+        if uses_local_attention(model):
+            inputs["attention_mask"] = packed_causal_mask(cu_seqlens, tokens.size(1))
+        else:
+            inputs["packed_seq_params"] = packed_seq_params(cu_seqlens)
+    return inputs
+
+
+class EAFTForwardStep:
+    """``forward_step(data_iterator, model) -> (output_tensor, loss_func)`` with EAFT.
+
+    The iterator yields dicts with ``tokens``, ``labels``, ``loss_mask``, ``position_ids``
+    ([b, s]) and optionally ``attention_mask`` or ``cu_seqlens`` (packed rows). The loss is
+    installed on the model at the first call (idempotent), so this object can be handed to
+    Megatron-LM's ``pretrain`` or Megatron-Bridge's ``finetune`` directly.
+    """
+
+    def __init__(self, config: EAFTConfig, check_for_nan: bool = True):
+        self.config = config
+        self.check_for_nan = check_for_nan
+
+    def __call__(self, data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module):
+        if installed_config(model) != self.config:
+            install_eaft_loss(model, self.config)
+        batch = _to_device(next(data_iterator))
+        output = model(**model_inputs(batch, model))
+        loss_func = partial(
+            eaft_loss_func,
+            batch["loss_mask"],
+            config=self.config,
+            training=unwrap_model(model).training,
+            check_for_nan=self.check_for_nan,
+        )
+        return output, loss_func
