@@ -1,0 +1,70 @@
+"""`megatron-eaft finetune`: EAFT (or SFT) fine-tuning with Megatron-Core, one process per rank."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DESCRIPTION = """\
+Fine-tune a converted checkpoint with the EAFT loss on Megatron-Core (TP/PP/CP/DP, distributed
+optimizer, torch_dist checkpoints). Start one process per GPU: under torchrun, under srun (one
+task per GPU), or as a single local process; ranks come from the launcher's environment.
+On a machine without a GPU it runs on CPU with gloo (tests, demos).
+
+The configuration is a YAML file of sections; KEY=VALUE overrides (positional or with --set)
+change single keys, the value read as YAML:  optimizer.lr=2e-5  checkpoint.save=null
+SIGTERM saves a checkpoint at the end of the current step and exits 0; rerunning the same
+command resumes from checkpoint.save (exactly: same data order, optimizer and LR schedule).
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from megatron_eaft.train.config import schema_help
+
+    parser = subparsers.add_parser(
+        "finetune",
+        help="EAFT fine-tuning with Megatron-Core (YAML config + overrides)",
+        description=DESCRIPTION,
+        epilog="configuration keys (section: key: type (default)):\n" + schema_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML configuration file (paths in it are relative to it)")
+    parser.add_argument(
+        "--set",
+        dest="set_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, e.g. --set optimizer.lr=2e-5 (repeatable)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="overrides, same as --set"
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved configuration as YAML and exit without training",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from megatron_eaft.train.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, [*args.set_overrides, *args.overrides])
+    except ConfigError as error:
+        print(f"megatron-eaft finetune: configuration error: {error}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+    from megatron_eaft.train.trainer import main_worker
+
+    try:
+        return main_worker(config)
+    except ConfigError as error:
+        print(f"megatron-eaft finetune: configuration error: {error}", file=sys.stderr)
+        return 2

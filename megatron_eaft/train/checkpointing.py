@@ -1,0 +1,406 @@
+"""torch_dist training checkpoints: save atomically, resume exactly, load weights at any layout.
+
+A save root holds Megatron-LM's layout::
+
+    <root>/iter_0000100/                       model + optimizer + LR schedule + iteration +
+                                               data position + RNG (torch_dist)
+    <root>/latest_checkpointed_iteration.txt   "100": the last COMPLETE checkpoint
+    <root>/megatron_eaft_model.json            the model description (loads / exports like a
+                                               converted checkpoint)
+
+Every rank writes into ``<root>/.iter_0000100.incomplete``; only after all ranks finished does
+rank 0 rename it and then replace the tracker file (write + fsync + rename). A run killed at any
+moment (SIGKILL mid-save included) therefore leaves the tracker naming the previous complete
+checkpoint, and the next run removes the leftover ``.incomplete`` directory.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron_eaft.convert.checkpoint import (
+    MODEL_METADATA_FILE,
+    RELEASE,
+    TRACKER_FILE,
+    MegatronCheckpointError,
+    _fsync_dir,
+    checkpoint_dir,
+    iteration_dir_name,
+    load_checkpoint_into_model,
+    write_model_metadata,
+)
+
+# Marks checkpoints written by this trainer (common state); converted ones lack it.
+TRAINER_STATE_KEY = "megatron_eaft_trainer"
+TRAINER_STATE_VERSION = 1
+INCOMPLETE_SUFFIX = ".incomplete"
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    _fsync_dir(path.parent)
+
+
+def latest_iteration(root: str | os.PathLike | None) -> int | str | None:
+    """The tracker's iteration (an int, or "release"), or None when there is no checkpoint."""
+    if root is None:
+        return None
+    tracker = Path(root) / TRACKER_FILE
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text(encoding="utf-8").strip()
+    if text == RELEASE:
+        return RELEASE
+    if not text.isdigit():
+        raise MegatronCheckpointError(f"{tracker}: expected an iteration number, got {text!r}")
+    return int(text)
+
+
+def remove_incomplete(root: str | os.PathLike) -> list[Path]:
+    """Delete checkpoint directories a killed save left behind (call on one rank)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    leftovers = [p for p in root.iterdir() if p.name.endswith(INCOMPLETE_SUFFIX) and p.is_dir()]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
+
+
+# --- RNG -------------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "world_size": torch.distributed.get_world_size(),
+        "tensor": ps.get_tensor_model_parallel_world_size(),
+        "pipeline": ps.get_pipeline_model_parallel_world_size(),
+        "context": ps.get_context_parallel_world_size(),
+        "data": ps.get_data_parallel_world_size(),
+    }
+
+
+def _sharded_rng_state(state: dict[str, Any] | None = None):
+    """One RNG record per (pp, tp, cp, dp) rank; loadable only at the layout that saved it."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    shape = (
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_context_parallel_world_size(),
+        ps.get_data_parallel_world_size(),
+    )
+    offset = (
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_context_parallel_rank(),
+        ps.get_data_parallel_rank(),
+    )
+    return ShardedObject("rng_state", state, shape, offset, replica_id=0)
+
+
+# --- save ------------------------------------------------------------------------------------
+
+
+def _sharding_metadata(optimizer_sharding: str) -> dict[str, Any]:
+    return {
+        "distrib_optim_sharding_type": optimizer_sharding,
+        "singleton_local_shards": False,
+        "chained_optim_avoid_prefix": True,
+    }
+
+
+def _with_dp_group(metadata: dict[str, Any] | None) -> dict[str, Any]:
+    from megatron.core import parallel_state as ps
+
+    return {
+        **(metadata or {}),
+        "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True),
+    }
+
+
+def _save_strategy():
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    # Replicated tensors (DP copies) are written once, with the writes spread over DP ranks.
+    return FullyParallelSaveStrategyWrapper(
+        get_default_save_sharded_strategy("torch_dist"),
+        ps.get_data_parallel_group(with_context_parallel=True),
+    )
+
+
+def _model_and_optimizer_state(
+    model: Any, optimizer: Any, metadata: dict[str, Any], *, is_loading: bool
+) -> dict[str, Any]:
+    """Sharded state dicts of the model and (built on it) the optimizer."""
+    _ensure_adam_state(optimizer)
+    model_state = model.sharded_state_dict(metadata=_with_dp_group(metadata))
+    optimizer_state = optimizer.sharded_state_dict(
+        model_state, is_loading=is_loading, metadata=_with_dp_group(metadata)
+    )
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    iteration: int,
+    *,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    model_description: dict[str, Any],
+    optimizer_sharding: str,
+) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = root / iteration_dir_name(iteration)
+    incomplete = root / f".{final.name}{INCOMPLETE_SUFFIX}"
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(incomplete, ignore_errors=True)
+        incomplete.mkdir()
+    torch.distributed.barrier()
+
+    metadata = _sharding_metadata(optimizer_sharding)
+    state = {
+        **_model_and_optimizer_state(model, optimizer, metadata, is_loading=False),
+        "opt_param_scheduler": scheduler.state_dict(),
+        "iteration": iteration,
+        "rng_state": _sharded_rng_state(_rng_state()),
+        TRAINER_STATE_KEY: {
+            "version": TRAINER_STATE_VERSION,
+            "layout": _layout(),
+            **trainer_state,
+        },
+    }
+    dist_checkpointing.save(
+        state, str(incomplete), sharded_strategy=_save_strategy(), content_metadata=metadata
+    )
+    torch.distributed.barrier()
+    if rank == 0:
+        _fsync_dir(incomplete)
+        if final.exists():  # re-saving an iteration (a resumed run stopped at the same step)
+            retired = root / f".{final.name}.old"
+            shutil.rmtree(retired, ignore_errors=True)
+            os.replace(final, retired)
+            os.replace(incomplete, final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(incomplete, final)
+        _fsync_dir(root)
+        if not (root / MODEL_METADATA_FILE).is_file():
+            write_model_metadata(root, model_description)
+        _write_text_atomically(root / TRACKER_FILE, f"{iteration}\n")
+    torch.distributed.barrier()
+    return final
+
+
+# --- load ------------------------------------------------------------------------------------
+
+
+def _common_state(path: Path) -> dict[str, Any]:
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(str(path))
+
+
+def is_trainer_checkpoint(path: Path) -> bool:
+    return TRAINER_STATE_KEY in _common_state(path)
+
+
+def load_model_weights(model: Any, root: str | os.PathLike) -> Path:
+    """Only the weights of the tracker's checkpoint under ``root``, at this run's layout.
+
+    Converted checkpoints go through the converter's loader; fine-tuned ones (which also hold
+    optimizer state) through Megatron's loader with the model's keys only, every one of which
+    must be in the checkpoint.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    path = checkpoint_dir(root)
+    if not is_trainer_checkpoint(path):
+        load_checkpoint_into_model(model, root)
+        return path
+    loaded, _, absent = dist_checkpointing.load(
+        {"model": model.sharded_state_dict()}, str(path), strict=StrictHandling.RETURN_ALL
+    )
+    absent = sorted(k for k in absent if "_extra_state" not in k)
+    if absent:
+        raise MegatronCheckpointError(f"{path} lacks model tensors {absent}")
+    _load_model_state(model, loaded["model"], path)
+    return path
+
+
+def _load_model_state(model: Any, state: dict[str, Any], path: Path) -> None:
+    result = model.load_state_dict(state, strict=False)
+    unset = [k for k in result.missing_keys if "_extra_state" not in k]
+    if unset or result.unexpected_keys:
+        raise MegatronCheckpointError(
+            f"{path}: loading left parameters unset {unset} / unknown {result.unexpected_keys}"
+        )
+
+
+def load_checkpoint(
+    root: str | os.PathLike, *, model: Any, optimizer: Any, scheduler: Any
+) -> dict[str, Any]:
+    """Resume state from the tracker's checkpoint; returns the trainer state (iteration, ...).
+
+    Optimizer state saved as ``dp_reshardable`` loads only at the TP/PP it was saved at;
+    RNG state only at the exact layout (otherwise it is left as seeded, as Megatron-LM does).
+    """
+    from megatron.core import dist_checkpointing
+
+    path = checkpoint_dir(root)
+    common = _common_state(path)
+    if TRAINER_STATE_KEY not in common:
+        raise MegatronCheckpointError(
+            f"{path} was not written by `megatron-eaft finetune`: it has no optimizer state to "
+            "resume from (use it as model.checkpoint instead)"
+        )
+    trainer_state = common[TRAINER_STATE_KEY]
+    saved_layout = trainer_state["layout"]
+    layout = _layout()
+    metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
+    same_model_parallel = all(
+        saved_layout[k] == layout[k] for k in ("tensor", "pipeline", "context")
+    )
+    if (
+        not same_model_parallel
+        and metadata.get("distrib_optim_sharding_type") == "dp_reshardable"
+        and _uses_distributed_optimizer(optimizer)
+    ):
+        raise MegatronCheckpointError(
+            f"{path} was saved at TP/PP/CP {saved_layout['tensor']}/{saved_layout['pipeline']}/"
+            f"{saved_layout['context']} with checkpoint.optimizer_sharding=dp_reshardable, which "
+            "resumes only at that layout; save with fully_reshardable to change it"
+        )
+    request = _model_and_optimizer_state(model, optimizer, metadata, is_loading=True)
+    restore_rng = saved_layout == layout
+    if restore_rng:
+        request["rng_state"] = _sharded_rng_state()
+    loaded = dist_checkpointing.load(request, str(path))
+    _load_model_state(model, loaded["model"], path)
+    # The distributed optimizer copies into fp32 main parameters that can be views of the
+    # model's own (leaf, requires-grad) parameters.
+    with torch.no_grad():
+        optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(optimizer, loaded["optimizer"])
+    scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if restore_rng:
+        _set_rng_state(loaded["rng_state"])
+    return {**trainer_state, "iteration": int(loaded["iteration"]), "rng_restored": restore_rng}
+
+
+def _ensure_adam_state(optimizer: Any) -> None:
+    """Give torch Adam (used when neither Apex nor Transformer Engine is installed) its state.
+
+    Megatron's DistributedOptimizer.state_dict() reads the per-parameter ``step`` of the inner
+    torch optimizer, which has no state before its first step: saving at iteration 0, or
+    building the state dict to resume into, would fail. Zero state with step 0 is what torch
+    Adam would create; loading overwrites it.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(part, distrib_optimizer.DistributedOptimizer):
+            continue
+        inner = part.optimizer
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state[param]:
+                    inner.state[param] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(param),
+                        "exp_avg_sq": torch.zeros_like(param),
+                    }
+
+
+def _restore_adam_steps(optimizer: Any, loaded: Any) -> None:
+    """Set torch Adam's per-parameter ``step`` to the saved one, one tensor per parameter.
+
+    Without Apex / Transformer Engine, DistributedOptimizer keeps the step in torch Adam's
+    per-parameter state. Its load_state_dict() first sets it from the saved param groups,
+    then its parameter-state loader copies over it the step the state had before loading
+    (0), and the tensor it sets is shared by every parameter (torch Adam increments each in
+    place). Either error breaks the bias correction of every later step.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    parts = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    if len(parts) == 1:
+        states = [loaded]
+    elif isinstance(loaded, dict):
+        states = [value for _, value in sorted(loaded.items())]
+    else:
+        states = list(loaded)
+    for part, state in zip(parts, states, strict=True):
+        if not isinstance(part, distrib_optimizer.DistributedOptimizer):
+            continue
+        steps = {group.get("step") for group in state["optimizer"]["param_groups"]}
+        if len(steps) != 1 or None in steps:
+            raise MegatronCheckpointError(f"saved optimizer steps are inconsistent: {steps}")
+        (step,) = steps
+        for param_state in part.optimizer.state.values():
+            param_state["step"] = torch.tensor(float(step))
+
+
+def _uses_distributed_optimizer(optimizer: Any) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(isinstance(part, DistributedOptimizer) for part in parts)

@@ -1,0 +1,637 @@
+"""The fine-tuning loop on Megatron-Core: parallel state, model, DDP, optimizer, schedule, saves.
+
+One optimizer step (:meth:`Trainer.train_step`):
+
+1. every rank reads its data-parallel slice of the global batch (:mod:`.batches`) as
+   ``num_microbatches`` micro-batches;
+2. ``get_forward_backward_func()`` runs them through the pipeline schedule with the EAFT
+   forward step (report keys ``lm loss``, ``eaft loss``, ``eaft/...`` as [sum, count]); with
+   ``calculate_per_token_loss`` the gradient is the token mean over the whole global batch;
+3. Megatron DDP reduces gradients, the Megatron optimizer clips them and steps, the
+   scheduler sets the next learning rate;
+4. the report sums are added over micro-batches and all-reduced over data parallel (+ context
+   parallel), so the last pipeline stage holds the global-batch values.
+
+:meth:`Trainer.fit` adds logging, evaluation, periodic checkpoints, resume and SIGTERM handling.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_eaft.megatron import cpu_runtime
+from megatron_eaft.train import batches as batching
+from megatron_eaft.train import checkpointing
+from megatron_eaft.train.config import ConfigError, FinetuneConfig
+from megatron_eaft.train.forward import cross_entropy_forward_step
+from megatron_eaft.train.model import (
+    build_model,
+    description_for_save,
+    model_description,
+    resolve_transformer_impl,
+)
+
+ForwardStep = Callable[[Any, Any], tuple[torch.Tensor, Callable]]
+
+
+@dataclass
+class StepRecord:
+    """What one optimizer step did, as the last pipeline stage saw it."""
+
+    iteration: int  # 1-based: the number of optimizer steps done after this one
+    reports: dict[str, tuple[float, float]]  # key -> (sum, count) over the global batch
+    grad_norm: float
+    learning_rate: float
+    update_successful: bool
+    seconds: float
+    tokens: int  # positions processed (global batch * sequence length)
+
+    def value(self, key: str) -> float:
+        total, count = self.reports[key]
+        return total / count if count else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "iteration": self.iteration,
+            "learning_rate": self.learning_rate,
+            "grad_norm": self.grad_norm,
+            "update_successful": self.update_successful,
+            "ms_per_iteration": 1000.0 * self.seconds,
+            "tokens_per_second": self.tokens / self.seconds if self.seconds > 0 else None,
+            "loss": {key: self.value(key) for key in self.reports},
+            "sums": {key: list(value) for key, value in self.reports.items()},
+        }
+
+
+@dataclass
+class FitResult:
+    records: list[StepRecord] = field(default_factory=list)
+    start_iteration: int = 0
+    final_iteration: int = 0
+    stopped_by_signal: bool = False
+    eval_losses: dict[int, float] = field(default_factory=dict)
+
+
+class _SignalFlag:
+    """Remembers a SIGTERM until the end of the step (installed only in the main thread)."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def __enter__(self) -> _SignalFlag:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _is_last_rank() -> bool:
+    return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+
+
+def _print_last_rank(message: str) -> None:
+    if _is_last_rank():
+        print(message, flush=True)
+
+
+def _device() -> torch.device:
+    if cpu_runtime.cuda_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class Trainer:
+    """Builds everything on an initialised ``torch.distributed`` and runs steps.
+
+    forward_step: Megatron-style forward step; None = the EAFT forward step configured by
+        ``config.eaft`` (the model's loss is replaced by :func:`install_eaft_loss`).
+    """
+
+    def __init__(self, config: FinetuneConfig, forward_step: ForwardStep | None = None):
+        if not torch.distributed.is_initialized():
+            raise RuntimeError("Trainer needs torch.distributed to be initialised first")
+        self.config = config
+        parallel = config.parallel
+        world_size = torch.distributed.get_world_size()
+        self.data_parallel_size = parallel.data_parallel_size(world_size)
+        self.num_microbatches = config.data.num_microbatches(self.data_parallel_size)
+        cpu_runtime.initialize_parallel(
+            tp=parallel.tensor,
+            pp=parallel.pipeline,
+            cp=parallel.context,
+            ep=parallel.expert,
+            seed=config.train.seed,
+        )
+        self.device = _device()
+        self.description = model_description(config)
+        self.transformer_impl = resolve_transformer_impl(config.model.transformer_impl)
+        self.resume_from = self._resume_root()
+        self.model = build_model(
+            config,
+            self.description,
+            transformer_impl=self.transformer_impl,
+            # Weights that are about to be overwritten need no initialisation.
+            initialize_weights=config.model.checkpoint is None and self.resume_from is None,
+        )
+        if config.model.checkpoint is not None and self.resume_from is None:
+            checkpointing.load_model_weights(self.model, config.model.checkpoint)
+        self._eaft_handle = None
+        if forward_step is None:
+            forward_step = self._install_eaft()
+        self.forward_step = forward_step
+        self.ddp_model = self._wrap_ddp()
+        self.optimizer = self._build_optimizer()
+        self.iteration = 0
+        self.total_iterations: int | None = None
+        self.scheduler: Any = None
+        self.datasets: dict[str, Any] = {}
+
+    # -- construction ---------------------------------------------------------------------
+
+    def _resume_root(self) -> str | None:
+        root = self.config.resume_dir()
+        if root is None:
+            return None
+        if self.config.checkpoint.load is not None:
+            if checkpointing.latest_iteration(root) is None:
+                raise ConfigError(
+                    "checkpoint.load", f"{root} has no latest_checkpointed_iteration.txt"
+                )
+            return root
+        return root if checkpointing.latest_iteration(root) is not None else None
+
+    def _install_eaft(self) -> ForwardStep:
+        from megatron_eaft.megatron.loss import eaft_forward_step, install_eaft_loss
+
+        self._eaft_handle = install_eaft_loss(self.model, self.config.eaft)
+        return partial(eaft_forward_step, eaft_config=self.config.eaft)
+
+    def _wrap_ddp(self):
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=self.config.parallel.distributed_optimizer,
+            check_for_nan_in_grad=True,
+        )
+        ddp_model = DistributedDataParallel(self.model.config, ddp_config, self.model)
+        transformer_config = self.model.config
+        transformer_config.finalize_model_grads_func = finalize_model_grads
+        transformer_config.no_sync_func = ddp_model.no_sync
+        return ddp_model
+
+    def _build_optimizer(self):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        opt = self.config.optimizer
+        dtype = self.config.model.dtype
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=opt.lr,
+                min_lr=opt.min_lr,
+                weight_decay=opt.weight_decay,
+                adam_beta1=opt.adam_beta1,
+                adam_beta2=opt.adam_beta2,
+                adam_eps=opt.adam_eps,
+                clip_grad=opt.clip_grad,
+                bf16=dtype == "bf16",
+                fp16=dtype == "fp16",
+                params_dtype=self.model.config.params_dtype,
+                use_distributed_optimizer=self.config.parallel.distributed_optimizer,
+            ),
+            [self.ddp_model],
+        )
+        self.model.config.grad_scale_func = optimizer.scale_loss
+        return optimizer
+
+    def build_scheduler(self, total_iterations: int) -> None:
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        opt = self.config.optimizer
+        warmup = min(opt.warmup_steps(total_iterations), max(total_iterations - 1, 0))
+        self.total_iterations = total_iterations
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if warmup > 0 else opt.lr,
+            max_lr=opt.lr,
+            min_lr=opt.min_lr,
+            lr_warmup_steps=warmup,
+            lr_decay_steps=max(total_iterations, 1),
+            lr_decay_style=opt.decay_style,
+            start_wd=opt.weight_decay,
+            end_wd=opt.weight_decay,
+            wd_incr_steps=max(total_iterations, 1),
+            wd_incr_style="constant",
+            # Resuming with a changed schedule is a configuration error, not a silent switch.
+            use_checkpoint_opt_param_scheduler=False,
+        )
+
+    def resume(self) -> dict[str, Any] | None:
+        """Load the latest checkpoint of the resume root, if there is one."""
+        if self.resume_from is None:
+            return None
+        state = checkpointing.load_checkpoint(
+            self.resume_from, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
+        )
+        self.iteration = state["iteration"]
+        _print_last_rank(
+            f"resumed from {self.resume_from} at iteration {self.iteration}"
+            + ("" if state["rng_restored"] else " (new layout: RNG state re-seeded)")
+        )
+        return state
+
+    # -- data -----------------------------------------------------------------------------
+
+    def dataset(self, path: str) -> Any:
+        if path not in self.datasets:
+            from megatron_eaft.data.sft_dataset import SFTDataset
+
+            self.datasets[path] = SFTDataset(path)
+        return self.datasets[path]
+
+    def batch_plan(self, dataset: Any, *, shuffle: bool) -> batching.BatchPlan:
+        from megatron.core import parallel_state as ps
+
+        return batching.BatchPlan(
+            num_rows=len(dataset),
+            global_batch_size=self.config.data.global_batch_size,
+            micro_batch_size=self.config.data.micro_batch_size,
+            data_parallel_rank=ps.get_data_parallel_rank(),
+            data_parallel_size=self.data_parallel_size,
+            seed=self.config.data.seed,
+            shuffle=shuffle,
+        )
+
+    def step_microbatches(self, dataset: Any, plan: batching.BatchPlan, step: int) -> list[dict]:
+        packed = dataset.metadata.get("packing") != "pad"
+        use_thd = self.transformer_impl == "transformer_engine"
+        return [
+            batching.model_batch(
+                batching.to_device(batch, self.device), packed=packed, use_thd=use_thd
+            )
+            for batch in batching.microbatches(dataset, plan.microbatch_rows(step))
+        ]
+
+    # -- one step -------------------------------------------------------------------------
+
+    def _reduce_reports(self, per_microbatch: list[dict[str, torch.Tensor]]) -> dict:
+        """Sum [sum, count] reports over micro-batches and data (+ context) parallel ranks."""
+        from megatron.core import parallel_state as ps
+
+        if not per_microbatch:
+            return {}
+        totals: dict[str, torch.Tensor] = {}
+        for report in per_microbatch:
+            for key, value in report.items():
+                value = value.detach().float().reshape(-1)
+                if value.numel() not in (1, 2):
+                    raise ValueError(f"report {key!r} must hold 1 or 2 values, got {value.numel()}")
+                totals[key] = totals.get(key, 0) + value
+        keys = sorted(totals)
+        stacked = torch.stack(
+            [torch.cat([totals[k], totals[k].new_ones(2 - totals[k].numel())]) for k in keys]
+        )
+        torch.distributed.all_reduce(
+            stacked, group=ps.get_data_parallel_group(with_context_parallel=True)
+        )
+        return {
+            key: (float(row[0]), float(row[1]))
+            for key, row in zip(keys, stacked.tolist(), strict=True)
+        }
+
+    def train_step(self, microbatches: Iterable[dict[str, Any]], seq_length: int) -> StepRecord:
+        """One optimizer step over this rank's micro-batches of a global batch."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        microbatches = list(microbatches)
+        if len(microbatches) != self.num_microbatches:
+            raise ValueError(
+                f"expected {self.num_microbatches} micro-batches, got {len(microbatches)}"
+            )
+        started = time.perf_counter()
+        learning_rate = self._learning_rate()
+        self.ddp_model.train()
+        self.ddp_model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = get_forward_backward_func()(
+            forward_step_func=self.forward_step,
+            data_iterator=iter(microbatches),
+            model=[self.ddp_model],
+            num_microbatches=self.num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=self.config.data.micro_batch_size,
+            forward_only=False,
+        )
+        update_successful, grad_norm, _ = self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step(increment=1)
+        reduced = self._reduce_reports(reports)
+        seconds = time.perf_counter() - started
+        self.iteration += 1
+        return StepRecord(
+            iteration=self.iteration,
+            reports=reduced,
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            learning_rate=learning_rate,
+            update_successful=bool(update_successful),
+            seconds=seconds,
+            tokens=self.config.data.global_batch_size * seq_length,
+        )
+
+    def _learning_rate(self) -> float:
+        """The learning rate the next optimizer step uses."""
+        for group in self.optimizer.param_groups:
+            if group.get("default_config", True):
+                lr = group["lr"]
+                return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+        return float("nan")
+
+    def evaluate(self) -> float:
+        """Plain cross-entropy over eval.iterations global batches of data.eval_path."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        dataset = self.dataset(self.config.data.eval_path)
+        plan = self.batch_plan(dataset, shuffle=False)
+        steps = min(self.config.eval.iterations, math.ceil(len(dataset) / plan.global_batch_size))
+        handle, self._eaft_handle = self._eaft_handle, None
+        if handle is not None:
+            handle.remove()  # evaluation reports the unweighted loss
+        self.ddp_model.eval()
+        total = [0.0, 0.0]
+        try:
+            with torch.no_grad():
+                for step in range(steps):
+                    reports = get_forward_backward_func()(
+                        forward_step_func=cross_entropy_forward_step,
+                        data_iterator=iter(self.step_microbatches(dataset, plan, step)),
+                        model=[self.ddp_model],
+                        num_microbatches=self.num_microbatches,
+                        seq_length=dataset.seq_length,
+                        micro_batch_size=self.config.data.micro_batch_size,
+                        forward_only=True,
+                    )
+                    reduced = self._reduce_reports(reports)
+                    if reduced:
+                        total[0] += reduced["lm loss"][0]
+                        total[1] += reduced["lm loss"][1]
+        finally:
+            self.ddp_model.train()
+            if handle is not None:
+                from megatron_eaft.megatron.loss import install_eaft_loss
+
+                self._eaft_handle = install_eaft_loss(self.model, self.config.eaft)
+        return total[0] / total[1] if total[1] else float("nan")
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def save(self) -> Path:
+        config = self.config
+        path = checkpointing.save_checkpoint(
+            config.checkpoint.save,
+            self.iteration,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            trainer_state={
+                "consumed_samples": self.iteration * config.data.global_batch_size,
+                "config": config.to_dict(),
+            },
+            model_description={
+                **description_for_save(self.description, config),
+                "transformer_impl": self.transformer_impl,
+            },
+            optimizer_sharding=config.checkpoint.optimizer_sharding,
+        )
+        _print_last_rank(f"saved checkpoint {path}")
+        return path
+
+    def close(self) -> None:
+        if self._eaft_handle is not None:
+            self._eaft_handle.remove()
+            self._eaft_handle = None
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def fit(self) -> FitResult:
+        config = self.config
+        if config.data.path is None:
+            raise ConfigError("data.path", "is required to train (a prepare-data output)")
+        dataset = self.dataset(config.data.path)
+        total = config.train.total_iterations(len(dataset), config.data.global_batch_size)
+        self.build_scheduler(total)
+        if config.checkpoint.save is not None and torch.distributed.get_rank() == 0:
+            removed = checkpointing.remove_incomplete(config.checkpoint.save)
+            for path in removed:
+                print(f"removed incomplete checkpoint {path}", flush=True)
+        self.resume()
+        result = FitResult(start_iteration=self.iteration)
+        plan = self.batch_plan(dataset, shuffle=config.data.shuffle)
+        logger = MetricsLogger(config, total)
+        _print_last_rank(
+            f"training {self.description['family']} ({self.transformer_impl}) from iteration "
+            f"{self.iteration} to {total}: TP {config.parallel.tensor} PP "
+            f"{config.parallel.pipeline} CP {config.parallel.context} DP "
+            f"{self.data_parallel_size}, {self.num_microbatches} micro-batches of "
+            f"{config.data.micro_batch_size} x {dataset.seq_length}, loss {config.eaft.kind}"
+        )
+        last_saved = self.iteration if self.resume_from is not None else None
+        try:
+            with _SignalFlag() as sigterm:
+                while self.iteration < total:
+                    microbatches = self.step_microbatches(dataset, plan, self.iteration)
+                    record = self.train_step(microbatches, dataset.seq_length)
+                    self._check_finite(record)
+                    result.records.append(record)
+                    logger.step(record)
+                    if self._eval_due():
+                        result.eval_losses[self.iteration] = loss = self.evaluate()
+                        logger.eval(self.iteration, loss)
+                    stop = _any_rank(sigterm.received)
+                    if config.checkpoint.save is not None and (
+                        stop or self._save_due() or self.iteration == total
+                    ):
+                        self.save()
+                        last_saved = self.iteration
+                    if stop:
+                        _print_last_rank(
+                            f"SIGTERM: stopped after iteration {self.iteration}"
+                            + (" (checkpoint saved)" if last_saved == self.iteration else "")
+                        )
+                        result.stopped_by_signal = True
+                        break
+            if (
+                config.checkpoint.save is not None
+                and last_saved != self.iteration
+                and not result.stopped_by_signal
+            ):
+                self.save()
+        finally:
+            logger.close()
+        result.final_iteration = self.iteration
+        return result
+
+    def _save_due(self) -> bool:
+        interval = self.config.checkpoint.save_interval
+        return interval is not None and self.iteration % interval == 0
+
+    def _eval_due(self) -> bool:
+        interval = self.config.eval.interval
+        return interval is not None and self.iteration % interval == 0
+
+    def _check_finite(self, record: StepRecord) -> None:
+        for key, (total, count) in record.reports.items():
+            if not math.isfinite(total):
+                raise FloatingPointError(
+                    f"iteration {record.iteration}: report {key!r} is {total} (sum over "
+                    f"{count:g}); stopping before a non-finite loss reaches a checkpoint"
+                )
+
+
+def _any_rank(flag: bool) -> bool:
+    value = torch.tensor([1.0 if flag else 0.0], device=_device())
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+class MetricsLogger:
+    """Console line every logging.interval steps, TensorBoard scalars and a JSONL file per step.
+
+    Only the last rank writes (it is on the last pipeline stage, where the loss lives).
+    """
+
+    def __init__(self, config: FinetuneConfig, total_iterations: int):
+        self.config = config
+        self.total = total_iterations
+        self.active = _is_last_rank()
+        self.interval: list[StepRecord] = []
+        self.writer = None
+        self.metrics = None
+        if not self.active:
+            return
+        if config.logging.tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=config.logging.tensorboard_dir)
+        if config.logging.metrics_file is not None:
+            path = Path(config.logging.metrics_file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.metrics = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def step(self, record: StepRecord) -> None:
+        if not self.active:
+            return
+        samples = record.iteration * self.config.data.global_batch_size
+        if self.writer is not None:
+            self.writer.add_scalar("learning-rate", record.learning_rate, record.iteration)
+            self.writer.add_scalar("grad-norm", record.grad_norm, record.iteration)
+            self.writer.add_scalar("iteration-time", record.seconds, record.iteration)
+            self.writer.add_scalar(
+                "tokens-per-sec", record.tokens / record.seconds, record.iteration
+            )
+            for key in record.reports:
+                self.writer.add_scalar(key, record.value(key), record.iteration)
+                self.writer.add_scalar(f"{key} vs samples", record.value(key), samples)
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(record.as_dict()) + "\n")
+            self.metrics.flush()
+        self.interval.append(record)
+        if record.iteration % self.config.logging.interval == 0 or record.iteration == self.total:
+            print(self.console_line(self.interval, samples), flush=True)
+            self.interval = []
+
+    def console_line(self, records: list[StepRecord], samples: int) -> str:
+        last = records[-1]
+        seconds = sum(r.seconds for r in records)
+        tokens = sum(r.tokens for r in records)
+        parts = [
+            f"iteration {last.iteration:8d}/{self.total:8d}",
+            f"consumed samples {samples:10d}",
+            f"ms/iter {1000.0 * seconds / len(records):9.1f}",
+            f"tokens/s {tokens / seconds:10.1f}",
+            f"lr {last.learning_rate:.3E}",
+        ]
+        keys = sorted({key for r in records for key in r.reports}, key=_report_order)
+        for key in keys:
+            total = sum(r.reports[key][0] for r in records if key in r.reports)
+            count = sum(r.reports[key][1] for r in records if key in r.reports)
+            parts.append(f"{key} {total / count if count else float('nan'):.6E}")
+        parts.append(f"grad norm {last.grad_norm:.4f}")
+        skipped = sum(not r.update_successful for r in records)
+        if skipped:
+            parts.append(f"skipped {skipped}")
+        return " | ".join(parts)
+
+    def eval(self, iteration: int, loss: float) -> None:
+        if not self.active:
+            return
+        ppl = math.exp(min(loss, 20.0))
+        print(
+            f"eval at iteration {iteration}: lm loss {loss:.6E} | lm loss PPL {ppl:.6E}", flush=True
+        )
+        if self.writer is not None:
+            self.writer.add_scalar("eval/lm loss", loss, iteration)
+            self.writer.add_scalar("eval/lm loss ppl", ppl, iteration)
+        if self.metrics is not None:
+            self.metrics.write(
+                json.dumps({"iteration": iteration, "eval": {"lm loss": loss}}) + "\n"
+            )
+            self.metrics.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def _report_order(key: str) -> tuple[int, str]:
+    return (0 if key == "lm loss" else 1, key)
+
+
+def run_training(config: FinetuneConfig, forward_step: ForwardStep | None = None) -> FitResult:
+    """Build a Trainer on the initialised process group, fit, release the loss hook."""
+    trainer = Trainer(config, forward_step=forward_step)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+def main_worker(config: FinetuneConfig) -> int:
+    """Entry of one launched process (torchrun / srun / local launcher: env:// rendezvous)."""
+    from megatron_eaft.launch import setup_launch_env
+
+    setup_launch_env()
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    cpu_runtime.init_process_group_from_env()
+    try:
+        run_training(config)
+    finally:
+        cpu_runtime.destroy_parallel()
+        torch.distributed.destroy_process_group()
+    return 0

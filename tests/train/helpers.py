@@ -1,0 +1,109 @@
+"""Builders for trainer tests: tiny converted checkpoints, SFT datasets, configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron_eaft.train.config import FinetuneConfig, config_from_dict
+from megatron_eaft.train.model import tiny_qwen3_hf_config
+
+SEQ_LENGTH = 64
+VOCAB = tiny_qwen3_hf_config()["vocab_size"]
+
+
+def converted_tiny_checkpoint(directory: Path) -> Path:
+    """transformers' random tiny Qwen3 -> safetensors -> `convert import` (fp32)."""
+    import transformers
+
+    from megatron_eaft.convert.engine import import_hf_checkpoint
+
+    torch.manual_seed(0)
+    hf_config = transformers.Qwen3Config(**tiny_qwen3_hf_config())
+    model = transformers.Qwen3ForCausalLM(hf_config)
+    # transformers zero-initialises nothing we need; RMSNorm weights start at 1, give them spread
+    # so that a wrong norm mapping cannot hide.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    hf_dir = directory / "hf"
+    model.save_pretrained(hf_dir, safe_serialization=True)
+    megatron_dir = directory / "megatron"
+    import_hf_checkpoint(hf_dir, megatron_dir, dtype="fp32", progress=False, fsync=False)
+    return megatron_dir
+
+
+def random_samples(
+    count: int, seed: int, min_length: int = 6, max_length: int = 40
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(tokens, loss mask) per sample: a prompt without loss, then a response with loss."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(count):
+        length = int(rng.integers(min_length, max_length + 1))
+        tokens = rng.integers(1, VOCAB, size=length).astype(np.uint16)
+        prompt = int(rng.integers(1, length - 1))
+        mask = np.zeros(length, dtype=np.uint8)
+        mask[prompt:] = 1
+        samples.append((tokens, mask))
+    return samples
+
+
+def write_sft_dataset(
+    path: Path,
+    *,
+    packing: str,
+    samples: list[tuple[np.ndarray, np.ndarray]] | None = None,
+    seq_length: int = SEQ_LENGTH,
+    seed: int = 0,
+) -> Path:
+    """A dataset in `prepare-data`'s layout, without a tokenizer."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_eaft.data.layout import LOSS_MASK_PREFIX, TOKENS_PREFIX, write_metadata
+    from megatron_eaft.data.packing import pack
+
+    samples = random_samples(48, seed) if samples is None else samples
+    rows = pack([len(tokens) - 1 for tokens, _ in samples], seq_length, packing)
+    path.mkdir(parents=True)
+    builders = {
+        TOKENS_PREFIX: IndexedDatasetBuilder(str(path / f"{TOKENS_PREFIX}.bin"), dtype=np.uint16),
+        LOSS_MASK_PREFIX: IndexedDatasetBuilder(
+            str(path / f"{LOSS_MASK_PREFIX}.bin"), dtype=np.uint8
+        ),
+    }
+    for row in rows:
+        for index in row:
+            tokens, mask = samples[index]
+            builders[TOKENS_PREFIX].add_item(torch.from_numpy(tokens))
+            builders[LOSS_MASK_PREFIX].add_item(torch.from_numpy(mask))
+        for builder in builders.values():
+            builder.end_document()
+    for prefix, builder in builders.items():
+        builder.finalize(str(path / f"{prefix}.idx"))
+    write_metadata(
+        path,
+        {"seq_length": seq_length, "pad_token_id": 0, "packing": packing, "vocab_size": VOCAB},
+    )
+    return path
+
+
+def finetune_config(
+    checkpoint: Path, data: Path, *overrides: str, **sections: Any
+) -> FinetuneConfig:
+    """A small fp32 CPU run: global batch 4 of micro-batches of 1, 3 steps, warm-up 1."""
+    base = {
+        "model": {"checkpoint": str(checkpoint), "dtype": "fp32", "transformer_impl": "local"},
+        "data": {"path": str(data), "micro_batch_size": 1, "global_batch_size": 4},
+        "train": {"iterations": 3},
+        "optimizer": {"lr": 1e-3, "warmup_iterations": 1, "min_lr": 1e-4},
+        "eaft": {"kind": "eaft", "check_finite": True},
+        "logging": {"interval": 1},
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return config_from_dict(base, list(overrides))
