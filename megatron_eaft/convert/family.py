@@ -102,7 +102,11 @@ class HFConfig(Mapping[str, Any]):
         params = self.rope_parameters
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type not in (None, "default"):
-            key = "rope_parameters" if "rope_parameters" in self._data else "rope_scaling"
+            key = (
+                "rope_parameters"
+                if self._data.get("rope_parameters") is not None
+                else "rope_scaling"
+            )
             raise self.unsupported(
                 f"{key}.rope_type", rope_type, "only plain RoPE (rope_type 'default') converts"
             )

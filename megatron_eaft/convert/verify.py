@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -159,26 +161,6 @@ def megatron_logits(
     return logits if torch.distributed.get_rank() == 0 else None
 
 
-def _megatron_logits_in_process(megatron_dir: str, input_ids: torch.Tensor) -> torch.Tensor:
-    """TP1/PP1 without worker processes: a one-rank gloo group in this process."""
-    from megatron_eaft.megatron import cpu_runtime
-    from megatron_eaft.megatron.launcher import _free_port
-
-    created = not torch.distributed.is_initialized()
-    if created:
-        torch.distributed.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
-        )
-    try:
-        logits = megatron_logits(megatron_dir, input_ids)
-    finally:
-        cpu_runtime.destroy_parallel()
-        if created:
-            torch.distributed.destroy_process_group()
-    assert logits is not None
-    return logits
-
-
 def verify_checkpoint(
     hf_dir: str | os.PathLike,
     megatron_dir: str | os.PathLike,
@@ -189,7 +171,14 @@ def verify_checkpoint(
     batch: int = 2,
     seq_len: int = 16,
     seed: int = 0,
+    runner: Callable[..., list[Any]] | None = None,
 ) -> LogitComparison:
+    """Logits of the HF directory vs. the converted checkpoint at TP/PP/EP.
+
+    The Megatron side runs on ``tp * pp * ep`` gloo ranks started by ``runner`` (default:
+    fresh worker processes from the launcher; tests pass their shared pool's ``run``), so
+    this process never initialises Megatron or patches torch for CPU.
+    """
     from megatron_eaft.convert.checkpoint import read_model_metadata
     from megatron_eaft.convert.families import get_family
 
@@ -199,13 +188,7 @@ def verify_checkpoint(
     input_ids = sample_inputs(vocab, batch, seq_len, seed)
     reference = hf_logits(hf_dir, input_ids)
     megatron_dir = str(Path(megatron_dir).absolute())
-    world_size = tp * pp * ep
-    if world_size == 1:
-        candidate = _megatron_logits_in_process(megatron_dir, input_ids)
-    else:
-        from megatron_eaft.megatron.launcher import run_distributed
-
-        candidate = run_distributed(
-            megatron_logits, world_size, megatron_dir, input_ids, tp, pp, ep
-        )[0]
-    return compare_logits(reference, candidate)
+    if runner is None:
+        from megatron_eaft.megatron.launcher import run_distributed as runner
+    results = runner(megatron_logits, tp * pp * ep, megatron_dir, input_ids, tp, pp, ep)
+    return compare_logits(reference, results[0])

@@ -55,9 +55,6 @@ def qwen3_moe_config(hf: HFConfig) -> dict[str, Any]:
         "moe_router_dtype": "fp32",
         "moe_router_load_balancing_type": "aux_loss",
         "moe_aux_loss_coeff": float(hf.get("router_aux_loss_coef", 0.0)),
-        "moe_token_dispatcher_type": "alltoall",
-        "moe_grouped_gemm": False,
-        "moe_permute_fusion": False,
     }
 
 
