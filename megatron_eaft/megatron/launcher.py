@@ -25,6 +25,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 DEFAULT_TIMEOUT_S = 300.0
+_STARTUP_TIMEOUT_S = 600.0
 # After one rank fails, how long the others get to notice before they are killed.
 _FAILURE_GRACE_S = 10.0
 
@@ -78,6 +79,7 @@ def _worker_main(conn: Connection, preload: bool) -> None:
         from megatron_eaft.megatron import cpu_runtime
 
         cpu_runtime.apply_cpu_patches()
+    conn.send(("ready", None))
     while True:
         try:
             job = conn.recv()
@@ -121,9 +123,14 @@ class WorkerPool:
     def size(self) -> int:
         return len(self._workers)
 
-    def _worker(self, slot: int) -> tuple[mp.process.BaseProcess, Connection]:
-        entry = self._workers[slot]
-        if entry is None or not entry[0].is_alive():
+    def _start(self, slots: range) -> None:
+        """Start the missing workers of ``slots`` together (their imports overlap), then wait
+        until each has imported megatron: job timeouts should not include that."""
+        starting = []
+        for slot in slots:
+            entry = self._workers[slot]
+            if entry is not None and entry[0].is_alive():
+                continue
             parent_conn, child_conn = self._context.Pipe()
             process = self._context.Process(
                 # Not daemonic: Megatron's checkpoint writer starts its own helper processes.
@@ -133,13 +140,21 @@ class WorkerPool:
             )
             process.start()
             child_conn.close()
-            entry = (process, parent_conn)
-            self._workers[slot] = entry
-        return entry
+            self._workers[slot] = (process, parent_conn)
+            starting.append(slot)
+        for slot in starting:
+            process, conn = self._workers[slot]  # type: ignore[misc]
+            ready = conn.poll(_STARTUP_TIMEOUT_S)
+            try:
+                ready = ready and conn.recv()[0] == "ready"
+            except (EOFError, OSError):
+                ready = False
+            if not ready:
+                self._kill(slot)
+                raise RuntimeError(f"worker {slot} failed to start (exit code {process.exitcode})")
 
     def warm_up(self) -> None:
-        for slot in range(self.size):
-            self._worker(slot)
+        self._start(range(self.size))
 
     def _kill(self, slot: int) -> None:
         entry = self._workers[slot]
@@ -162,8 +177,9 @@ class WorkerPool:
         port = _free_port()
         threads = max(1, (os.cpu_count() or 1) // world_size)
         conns: dict[Connection, int] = {}
+        self._start(range(world_size))
         for rank in range(world_size):
-            _, conn = self._worker(rank)
+            _, conn = self._workers[rank]  # type: ignore[misc]
             conn.send(
                 {
                     "fn": fn,
