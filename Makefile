@@ -1,0 +1,19 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# Both create .venv from uv.lock first if it is missing or out of date.
+VENV := .venv
+STAMP := $(VENV)/.synced
+
+.PHONY: demo test lint
+
+$(STAMP): pyproject.toml uv.lock tools/setup_env.sh
+	bash tools/setup_env.sh
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/megatron-eaft demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

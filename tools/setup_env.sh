@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Creates .venv (Python 3.12, the locked versions of uv.lock) on a fresh machine.
+# Python: $PYTHON if set, else pyenv's newest 3.12, else python3.12 on PATH.
+# uv: on PATH, else installed into .tools/uv with pip from the package index.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+find_python() {
+  if [[ -n "${PYTHON:-}" ]]; then echo "$PYTHON"; return; fi
+  if command -v pyenv >/dev/null 2>&1; then
+    local root version
+    root=$(pyenv root)
+    version=$(find "$root/versions" -maxdepth 1 -name '3.12.*' -printf '%f\n' 2>/dev/null | sort -V | tail -n 1)
+    if [[ -n "$version" && -x "$root/versions/$version/bin/python3.12" ]]; then
+      echo "$root/versions/$version/bin/python3.12"; return
+    fi
+  fi
+  if command -v python3.12 >/dev/null 2>&1; then command -v python3.12; return; fi
+  echo "error: Python 3.12 not found (megatron-core >= 0.17 needs it); set PYTHON=/path/to/python3.12" >&2
+  exit 1
+}
+
+python=$(find_python)
+if command -v uv >/dev/null 2>&1; then
+  uv=uv
+else
+  if [[ ! -x .tools/uv/bin/uv ]]; then
+    "$python" -m venv .tools/uv
+    .tools/uv/bin/python -m pip install --quiet --disable-pip-version-check "uv>=0.5"
+  fi
+  uv=.tools/uv/bin/uv
+fi
+# The CPU test/demo environment: everything CI runs, from the lock file, nothing newer.
+"$uv" sync --locked --extra dev --python "$python"
