@@ -190,25 +190,6 @@ def load_hf_weights(model, hf: dict[str, torch.Tensor], hf_config) -> None:
             param.copy_(full_shard)
 
 
-def allow_checkpoint_save_in_daemon_worker() -> None:
-    """torch_dist saving asks for a `multiprocessing.Manager().Queue()` to collect its writer
-    threads' results, and a Manager is a child process, which the launcher's daemonic workers
-    may not start. A synchronous save runs entirely in this process, so an in-process queue
-    carries the same results."""
-    import queue
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if mp_daemon() and filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
-
-
-def mp_daemon() -> bool:
-    import multiprocessing
-
-    return bool(multiprocessing.current_process().daemon)
-
-
 def _gathered_logits(output: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 

@@ -128,7 +128,6 @@ def rank_save_checkpoint(hf_state, hf_config, tokens, checkpoint_dir: str, tp: i
     from megatron_eaft.megatron import cpu_runtime
 
     cpu_runtime.initialize_parallel(tp=tp, pp=pp)
-    glm4.allow_checkpoint_save_in_daemon_worker()
     model = glm4.build_megatron_glm4(hf_config)
     glm4.load_hf_weights(model, hf_state, hf_config)
     sharded = model.sharded_state_dict()
