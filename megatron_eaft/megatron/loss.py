@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from megatron_eaft.ops import EAFTConfig, TokenLoss, vocab_parallel_weighted_cross_entropy
+from megatron_eaft.ops.vocab_parallel import normalised_entropy
 from megatron_eaft.ops.weighting import confident_conflicts
 
 REPORT_KEYS = (
@@ -66,8 +67,8 @@ class EAFTLossHandle:
 def install_eaft_loss(model: torch.nn.Module, config: EAFTConfig) -> EAFTLossHandle:
     """Make ``model`` (a GPTModel, wrapped or not) compute the token-weighted loss.
 
-    Installing again replaces the previous configuration. With ``kind="sft"`` and diagnostics
-    off, Megatron's own cross-entropy stays in place untouched.
+    Installing again replaces the previous configuration. With ``kind="sft"`` the loss is
+    Megatron's own cross-entropy, bit for bit (untouched when diagnostics are off).
     """
     core = unwrap_model(model)
     if not hasattr(core, "compute_language_model_loss"):
@@ -84,6 +85,18 @@ def install_eaft_loss(model: torch.nn.Module, config: EAFTConfig) -> EAFTLossHan
         return handle
 
     tp_group = _tp_group(core)
+    megatron_loss = core.compute_language_model_loss  # the class's method, bound
+
+    def sft_with_diagnostics(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        # Megatron's own loss, bit for bit (fused or not); entropy is read first because
+        # Megatron's cross-entropy overwrites fp32 logits in place.
+        with torch.no_grad():
+            entropy = normalised_entropy(logits, config, tp_group).transpose(0, 1).contiguous()
+        loss = megatron_loss(labels, logits)
+        ce = loss.detach()
+        ones = torch.ones_like(ce)
+        loss.eaft_stats = TokenLoss(loss, ce, ones, entropy, torch.exp(-ce))
+        return loss
 
     def compute_language_model_loss(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         # Megatron's layout: labels [b, s], logits [s, b, V/TP]; the loss comes back [b, s].
@@ -95,7 +108,9 @@ def install_eaft_loss(model: torch.nn.Module, config: EAFTConfig) -> EAFTLossHan
         loss.eaft_stats = per_token
         return loss
 
-    core.compute_language_model_loss = compute_language_model_loss
+    core.compute_language_model_loss = (
+        sft_with_diagnostics if config.kind == "sft" else compute_language_model_loss
+    )
     return handle
 
 

@@ -12,24 +12,27 @@ from tests.megatron import tiny_gpt
 EAFT = EAFTConfig(kind="eaft", topk=8, check_finite=True)
 
 
-def _built_model():
+def _built_model(cross_entropy_loss_fusion: bool = False):
     from megatron.core import parallel_state
 
     config = tiny_gpt.tiny_config()
+    config.cross_entropy_loss_fusion = cross_entropy_loss_fusion
     model = tiny_gpt.tiny_model(config)
     tiny_gpt.load_layout_independent_weights(model)
     del parallel_state
     return model
 
 
-def _losses_by_seam(tp: int, eaft_config: EAFTConfig) -> dict[str, torch.Tensor]:
+def _losses_by_seam(
+    tp: int, eaft_config: EAFTConfig, fusion: bool = False
+) -> dict[str, torch.Tensor]:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_eaft.megatron import cpu_runtime
     from megatron_eaft.megatron.loss import install_eaft_loss
 
     cpu_runtime.initialize_parallel(tp=tp)
-    model = _built_model()
+    model = _built_model(cross_entropy_loss_fusion=fusion)
     data = tiny_gpt.batch(0)
     args = (data["tokens"], data["position_ids"], None)
     with torch.no_grad():
@@ -51,11 +54,13 @@ def _losses_by_seam(tp: int, eaft_config: EAFTConfig) -> dict[str, torch.Tensor]
     }
 
 
+@pytest.mark.parametrize("fusion", [False, True])
 @pytest.mark.parametrize("diagnostics", [True, False])
 @pytest.mark.parametrize("tp", [1, 2])
-def test_sft_is_bit_identical_to_megatron(dist, tp, diagnostics):
+def test_sft_is_bit_identical_to_megatron(dist, tp, diagnostics, fusion):
+    """With and without Megatron's cross_entropy_loss_fusion."""
     config = EAFTConfig(kind="sft", diagnostics=diagnostics)
-    for result in dist.run(_losses_by_seam, tp, tp, config):
+    for result in dist.run(_losses_by_seam, tp, tp, config, fusion):
         assert torch.equal(result["installed"], result["megatron"])
         assert torch.equal(result["removed"], result["megatron"])
 

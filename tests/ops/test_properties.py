@@ -24,7 +24,10 @@ def loss_cases(draw):
         kind=draw(st.sampled_from(KINDS)),
         entropy=entropy,
         topk=draw(st.integers(2, vocab)),
-        alpha=draw(st.floats(0.0, 4.0)),
+        # Htilde ** alpha with 0 < alpha < 1 has an unbounded slope at Htilde = 0: there fp32's
+        # ~1e-7 absolute entropy error (the oracle's as much as ours) is amplified without
+        # bound, so those exponents are checked on the entropy instead (below).
+        alpha=draw(st.one_of(st.just(0.0), st.floats(1.0, 4.0))),
         norm=draw(
             st.sampled_from(("lnk", "paper", "lnv") if entropy == "exact" else ("lnk", "paper"))
         ),
@@ -67,6 +70,9 @@ def test_fused_equals_reference_and_respects_masks(case):
     if config.needs_entropy:
         kept = fused.entropy[~dropped]
         assert torch.all((kept >= 0) & (kept <= 1))
+        torch.testing.assert_close(
+            fused.entropy[~dropped], expected.entropy[~dropped], rtol=0, atol=1e-6
+        )
 
 
 def _random_cases_on_shards(seed: int, count: int) -> list[dict]:

@@ -122,3 +122,22 @@ def test_communication_per_call(dist):
     assert sft == [("all_reduce", tokens), ("all_reduce", 2 * tokens)]
     assert exact == [("all_reduce", tokens), ("all_reduce", 3 * tokens)]
     assert topk == [("all_gather", 5 * tokens), ("all_reduce", tokens), ("all_reduce", 2 * tokens)]
+
+
+def _standalone_entropy(config: EAFTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    from megatron_eaft.ops.vocab_parallel import normalised_entropy
+
+    group = torch.distributed.group.WORLD
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    logits, labels, _, _ = make_case(7, SEQ, BATCH, VOCAB, torch.bfloat16)
+    shard = _shard(logits, rank, world)
+    standalone = normalised_entropy(shard, config, group)
+    assert torch.equal(shard, _shard(logits, rank, world)), "logits must be left untouched"
+    return standalone, vocab_parallel_weighted_cross_entropy(shard, labels, config, group).entropy
+
+
+@pytest.mark.parametrize("entropy", ["topk", "exact"])
+def test_standalone_entropy_equals_the_fused_one(dist, entropy):
+    config = EAFTConfig(entropy=entropy, topk=5)
+    for standalone, fused in dist.run(_standalone_entropy, 2, config):
+        torch.testing.assert_close(standalone, fused, rtol=1e-5, atol=1e-6)
