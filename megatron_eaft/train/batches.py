@@ -110,15 +110,17 @@ def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, An
 def model_batch(batch: dict[str, Any], *, packed: bool, use_thd: bool) -> dict[str, Any]:
     """The micro-batch as the forward step hands it to GPTModel.
 
-    Unpacked rows (one sample + padding: a "pad" dataset) keep Megatron's causal mask. Packed rows go as THD (tokens viewed as
-    one [1, b*s] sequence with ``cu_seqlens``) when the attention implementation takes it
-    (Transformer Engine), else as [b, s] rows with a block-diagonal causal ``attention_mask``.
+    Unpacked rows (one sample + padding: a "pad" dataset) keep Megatron's causal mask. Packed
+    rows go as THD when the attention takes it (Transformer Engine): the micro-batch viewed as
+    one [1, b*s] sequence with the micro-batch-wide ``cu_seqlens``; else as [b, s] rows with a
+    block-diagonal causal ``attention_mask`` (Megatron-Core's local attention).
     """
     out = {key: batch[key] for key in ("tokens", "labels", "loss_mask", "position_ids")}
     if not packed:
         return out
     if use_thd:
-        out.update(cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"])
+        out = {key: value.reshape(1, -1) for key, value in out.items()}
+        out["cu_seqlens"] = batch["cu_seqlens"]
     else:
         out["attention_mask"] = packed_causal_mask(batch["position_ids"])
     return out

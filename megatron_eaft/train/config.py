@@ -5,6 +5,7 @@ Schema (every key optional unless marked; defaults are the EAFT paper's fine-tun
     model:
       checkpoint: DIR          # converted torch_dist checkpoint (`megatron-eaft convert import`)
       preset: tiny-qwen3       # or: random-initialised model built in code (tests, demos)
+      hf_config: FILE          # or: random-initialised model of an HF config.json
       transformer_impl: auto   # auto | local | transformer_engine
       dtype: bf16              # bf16 | fp16 | fp32
     parallel:
@@ -46,9 +47,11 @@ Overrides are ``section.key=value`` strings whose value is parsed as YAML (``opt
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -82,6 +85,7 @@ class ModelSection:
     checkpoint: a converted (or previously fine-tuned) checkpoint directory; the model is
         rebuilt from its ``megatron_eaft_model.json`` and loaded at any TP/PP.
     preset: instead of a checkpoint, a random-initialised model built in code ("tiny-qwen3").
+    hf_config: or a random-initialised model of an HF ``config.json`` (benchmarks, smoke runs).
     transformer_impl: Megatron-Core layer implementation. auto = Transformer Engine when it is
         importable and a GPU is present, else Megatron-Core's local (torch) layers.
     dtype: parameter dtype; bf16/fp16 keep fp32 master weights in the optimizer.
@@ -89,15 +93,17 @@ class ModelSection:
 
     checkpoint: str | None = None
     preset: str | None = None
+    hf_config: str | None = None
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
 
     def __post_init__(self) -> None:
+        sources = [self.checkpoint, self.preset, self.hf_config]
         _check(
-            (self.checkpoint is None) != (self.preset is None),
+            sum(source is not None for source in sources) == 1,
             "model.checkpoint",
-            "give exactly one of model.checkpoint (a converted checkpoint directory) "
-            f"or model.preset ({', '.join(TINY_PRESETS)})",
+            "give exactly one of model.checkpoint (a converted checkpoint directory), "
+            f"model.preset ({', '.join(TINY_PRESETS)}) or model.hf_config (an HF config.json)",
         )
         _check(
             self.preset is None or self.preset in TINY_PRESETS,
@@ -350,12 +356,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """`value` as `annotation` (int, float, bool, str, Literal, unions with None) or ConfigError."""
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
-        errors = []
         for option in typing.get_args(annotation):
             try:
                 return _coerce(value, option, key)
-            except ConfigError as error:
-                errors.append(error)
+            except ConfigError:
+                continue
         raise ConfigError(key, f"expected {_describe(annotation)}, got {value!r}")
     if annotation is type(None):
         if value is None:
@@ -390,7 +395,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(prefix or "<root>", f"expected a mapping, got {data!r}")
+        raise ConfigError(prefix.rstrip(".") or "<root>", f"expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {field.name: field for field in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -421,8 +426,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     except ConfigError:
         raise
     except ValueError as error:
-        # EAFTConfig's own validation: "EAFTConfig.topk=1 is invalid: ..."
-        raise ConfigError(prefix.rstrip(".") or "<root>", str(error)) from None
+        # EAFTConfig validates itself: "EAFTConfig.topk=1 is invalid: must be ..."
+        match = re.match(rf"{cls.__name__}\.(\w+)=", str(error))
+        key = prefix + match.group(1) if match else prefix.rstrip(".") or "<root>"
+        raise ConfigError(key, str(error)) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -463,7 +470,7 @@ def _relative_to(base: Path, value: str | None) -> str | None:
 def config_from_dict(
     data: dict[str, Any], overrides: list[str] = (), *, source: str | None = None
 ) -> FinetuneConfig:
-    data = apply_overrides(dict(data), list(overrides))
+    data = apply_overrides(copy.deepcopy(dict(data)), list(overrides))
     try:
         return _build(FinetuneConfig, data, "")
     except ConfigError as error:
@@ -499,6 +506,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Fi
 
 def _resolve_paths(config: FinetuneConfig, base: Path) -> None:
     config.model.checkpoint = _relative_to(base, config.model.checkpoint)
+    config.model.hf_config = _relative_to(base, config.model.hf_config)
     config.data.path = _relative_to(base, config.data.path)
     config.data.eval_path = _relative_to(base, config.data.eval_path)
     config.checkpoint.save = _relative_to(base, config.checkpoint.save)
@@ -510,6 +518,7 @@ def _resolve_paths(config: FinetuneConfig, base: Path) -> None:
 KEY_HELP: dict[str, str] = {
     "model.checkpoint": "converted (or fine-tuned) checkpoint directory to start from",
     "model.preset": "random-initialised model built in code instead: tiny-qwen3",
+    "model.hf_config": "or a random-initialised model of this HF config.json",
     "model.transformer_impl": "Megatron layers: auto (TE on GPU when importable), local, transformer_engine",
     "model.dtype": "parameter dtype; bf16/fp16 keep fp32 master weights",
     "train.iterations": "optimizer steps to run (or give train.epochs)",

@@ -8,6 +8,7 @@ there is one mapping from an HF config to Megatron, shared with the converter.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from megatron_eaft.convert.checkpoint import model_metadata, read_model_metadata
 from megatron_eaft.convert.families import family_for_hf_config
 from megatron_eaft.convert.family import DEFAULT_VOCAB_DIVISOR, padded_vocab_size
+from megatron_eaft.convert.hf_io import read_json
 from megatron_eaft.convert.model import build_gpt_model
 from megatron_eaft.megatron import cpu_runtime
 from megatron_eaft.train.config import FinetuneConfig
@@ -69,10 +71,15 @@ def resolve_transformer_impl(requested: str) -> str:
 
 
 def model_description(config: FinetuneConfig) -> dict[str, Any]:
-    """The metadata the model is built from (the checkpoint's, or the preset's)."""
+    """The metadata the model is built from (the checkpoint's, the HF config's, the preset's)."""
     if config.model.checkpoint is not None:
         return read_model_metadata(config.model.checkpoint)
-    hf_config = PRESETS[config.model.preset]()
+    if config.model.hf_config is not None:
+        hf_config = read_json(Path(config.model.hf_config))
+        source = config.model.hf_config
+    else:
+        hf_config = PRESETS[config.model.preset]()
+        source = f"preset:{config.model.preset}"
     family = family_for_hf_config(hf_config)
     return model_metadata(
         hf_config=hf_config,
@@ -81,7 +88,7 @@ def model_description(config: FinetuneConfig) -> dict[str, Any]:
         make_vocab_size_divisible_by=DEFAULT_VOCAB_DIVISOR,
         dtype=config.model.dtype,
         transformer_impl=resolve_transformer_impl(config.model.transformer_impl),
-        source=f"preset:{config.model.preset}",
+        source=source,
     )
 
 
@@ -114,6 +121,16 @@ def build_model(
     hf_config = description["hf_config"]
     family = family_for_hf_config(hf_config)
     parallel = config.parallel
+    moe = {}
+    if family.transformer_config_kwargs(hf_config).get("num_moe_experts"):
+        moe = {
+            # all-to-all is the expert-parallel dispatcher of choice on GPUs; gloo has no
+            # all_to_all, so CPU runs gather instead.
+            "moe_token_dispatcher_type": "alltoall"
+            if cpu_runtime.cuda_available()
+            else "allgather",
+            "moe_grouped_gemm": transformer_impl == "transformer_engine",
+        }
     transformer_config = family.transformer_config(
         hf_config,
         params_dtype=DTYPES[config.model.dtype],
@@ -125,6 +142,7 @@ def build_model(
         calculate_per_token_loss=True,
         use_cpu_initialization=not cpu_runtime.cuda_available(),
         perform_initialization=initialize_weights,
+        **moe,
     )
     return build_gpt_model(
         hf_config,

@@ -22,27 +22,24 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from megatron_eaft.megatron import cpu_runtime
+from megatron_eaft.megatron.loss import EAFTForwardStep, install_eaft_loss
 from megatron_eaft.train import batches as batching
 from megatron_eaft.train import checkpointing
 from megatron_eaft.train.config import ConfigError, FinetuneConfig
-from megatron_eaft.train.forward import cross_entropy_forward_step
 from megatron_eaft.train.model import (
     build_model,
     description_for_save,
     model_description,
     resolve_transformer_impl,
 )
-
-ForwardStep = Callable[[Any, Any], tuple[torch.Tensor, Callable]]
 
 
 @dataclass
@@ -123,11 +120,12 @@ def _device() -> torch.device:
 class Trainer:
     """Builds everything on an initialised ``torch.distributed`` and runs steps.
 
-    forward_step: Megatron-style forward step; None = the EAFT forward step configured by
-        ``config.eaft`` (the model's loss is replaced by :func:`install_eaft_loss`).
+    The model's loss is the token-weighted one of ``config.eaft`` (``kind: sft`` with
+    ``diagnostics: false`` leaves Megatron's own cross-entropy untouched); in evaluation the
+    forward step optimises and reports plain cross-entropy.
     """
 
-    def __init__(self, config: FinetuneConfig, forward_step: ForwardStep | None = None):
+    def __init__(self, config: FinetuneConfig):
         if not torch.distributed.is_initialized():
             raise RuntimeError("Trainer needs torch.distributed to be initialised first")
         self.config = config
@@ -145,6 +143,12 @@ class Trainer:
         self.device = _device()
         self.description = model_description(config)
         self.transformer_impl = resolve_transformer_impl(config.model.transformer_impl)
+        if parallel.context > 1 and self.transformer_impl != "transformer_engine":
+            raise ConfigError(
+                "parallel.context",
+                "context parallelism needs Transformer Engine attention "
+                "(model.transformer_impl: transformer_engine); Megatron's local attention has none",
+            )
         self.resume_from = self._resume_root()
         self.model = build_model(
             config,
@@ -155,10 +159,12 @@ class Trainer:
         )
         if config.model.checkpoint is not None and self.resume_from is None:
             checkpointing.load_model_weights(self.model, config.model.checkpoint)
-        self._eaft_handle = None
-        if forward_step is None:
-            forward_step = self._install_eaft()
-        self.forward_step = forward_step
+        try:
+            config.eaft.validate_vocab(self.model.vocab_size)
+        except ValueError as error:
+            raise ConfigError("eaft.topk", str(error)) from None
+        self._eaft_handle = install_eaft_loss(self.model, config.eaft)
+        self.forward_step = EAFTForwardStep(config.eaft)
         self.ddp_model = self._wrap_ddp()
         self.optimizer = self._build_optimizer()
         self.iteration = 0
@@ -179,12 +185,6 @@ class Trainer:
                 )
             return root
         return root if checkpointing.latest_iteration(root) is not None else None
-
-    def _install_eaft(self) -> ForwardStep:
-        from megatron_eaft.megatron.loss import eaft_forward_step, install_eaft_loss
-
-        self._eaft_handle = install_eaft_loss(self.model, self.config.eaft)
-        return partial(eaft_forward_step, eaft_config=self.config.eaft)
 
     def _wrap_ddp(self):
         from megatron.core.distributed import (
@@ -287,15 +287,41 @@ class Trainer:
             shuffle=shuffle,
         )
 
+    def check_dataset(self, dataset: Any, key: str) -> None:
+        """Context parallelism splits each row in 2 * CP chunks; packed rows it cannot split."""
+        context = self.config.parallel.context
+        if context == 1:
+            return
+        if dataset.metadata.get("packing") != "pad":
+            raise ConfigError(
+                "parallel.context",
+                f"context parallelism needs one sample per row; {key}={dataset.path} is packed "
+                "(prepare it with --packing pad)",
+            )
+        if dataset.seq_length % (2 * context):
+            raise ConfigError(
+                "parallel.context",
+                f"the sequence length {dataset.seq_length} of {key} is not a multiple of "
+                f"2 * parallel.context = {2 * context}",
+            )
+
     def step_microbatches(self, dataset: Any, plan: batching.BatchPlan, step: int) -> list[dict]:
+        from megatron.core import parallel_state as ps
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
         packed = dataset.metadata.get("packing") != "pad"
         use_thd = self.transformer_impl == "transformer_engine"
-        return [
-            batching.model_batch(
+        microbatches = []
+        for batch in batching.microbatches(dataset, plan.microbatch_rows(step)):
+            batch = batching.model_batch(
                 batching.to_device(batch, self.device), packed=packed, use_thd=use_thd
             )
-            for batch in batching.microbatches(dataset, plan.microbatch_rows(step))
-        ]
+            if self.config.parallel.context > 1:  # this rank's zigzag chunks of each row
+                batch = get_batch_on_this_cp_rank(
+                    batch, is_hybrid_cp=False, cp_group=ps.get_context_parallel_group()
+                )
+            microbatches.append(batch)
+        return microbatches
 
     # -- one step -------------------------------------------------------------------------
 
@@ -343,9 +369,8 @@ class Trainer:
             data_iterator=iter(microbatches),
             model=[self.ddp_model],
             num_microbatches=self.num_microbatches,
-            seq_length=seq_length,
-            micro_batch_size=self.config.data.micro_batch_size,
             forward_only=False,
+            **self._schedule_shape(microbatches[0]),
         )
         update_successful, grad_norm, _ = self.optimizer.step()
         if self.scheduler is not None:
@@ -363,6 +388,18 @@ class Trainer:
             tokens=self.config.data.global_batch_size * seq_length,
         )
 
+    def _schedule_shape(self, microbatch: dict[str, Any]) -> dict[str, int]:
+        """Sequence length and micro-batch size of the activations pipeline stages exchange.
+
+        Taken from the micro-batch as the model sees it: a THD micro-batch is one [1, b*s]
+        sequence; the schedule divides the length by CP itself.
+        """
+        rows, length = microbatch["tokens"].shape
+        return {
+            "seq_length": length * self.config.parallel.context,
+            "micro_batch_size": rows,
+        }
+
     def _learning_rate(self) -> float:
         """The learning rate the next optimizer step uses."""
         for group in self.optimizer.param_groups:
@@ -378,22 +415,19 @@ class Trainer:
         dataset = self.dataset(self.config.data.eval_path)
         plan = self.batch_plan(dataset, shuffle=False)
         steps = min(self.config.eval.iterations, math.ceil(len(dataset) / plan.global_batch_size))
-        handle, self._eaft_handle = self._eaft_handle, None
-        if handle is not None:
-            handle.remove()  # evaluation reports the unweighted loss
         self.ddp_model.eval()
         total = [0.0, 0.0]
         try:
             with torch.no_grad():
                 for step in range(steps):
+                    microbatches = self.step_microbatches(dataset, plan, step)
                     reports = get_forward_backward_func()(
-                        forward_step_func=cross_entropy_forward_step,
-                        data_iterator=iter(self.step_microbatches(dataset, plan, step)),
+                        forward_step_func=self.forward_step,
+                        data_iterator=iter(microbatches),
                         model=[self.ddp_model],
                         num_microbatches=self.num_microbatches,
-                        seq_length=dataset.seq_length,
-                        micro_batch_size=self.config.data.micro_batch_size,
                         forward_only=True,
+                        **self._schedule_shape(microbatches[0]),
                     )
                     reduced = self._reduce_reports(reports)
                     if reduced:
@@ -401,10 +435,6 @@ class Trainer:
                         total[1] += reduced["lm loss"][1]
         finally:
             self.ddp_model.train()
-            if handle is not None:
-                from megatron_eaft.megatron.loss import install_eaft_loss
-
-                self._eaft_handle = install_eaft_loss(self.model, self.config.eaft)
         return total[0] / total[1] if total[1] else float("nan")
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -442,6 +472,9 @@ class Trainer:
         if config.data.path is None:
             raise ConfigError("data.path", "is required to train (a prepare-data output)")
         dataset = self.dataset(config.data.path)
+        self.check_dataset(dataset, "data.path")
+        if config.eval.interval is not None:
+            self.check_dataset(self.dataset(config.data.eval_path), "data.eval_path")
         total = config.train.total_iterations(len(dataset), config.data.global_batch_size)
         self.build_scheduler(total)
         if config.checkpoint.save is not None and torch.distributed.get_rank() == 0:
@@ -613,9 +646,9 @@ def _report_order(key: str) -> tuple[int, str]:
     return (0 if key == "lm loss" else 1, key)
 
 
-def run_training(config: FinetuneConfig, forward_step: ForwardStep | None = None) -> FitResult:
+def run_training(config: FinetuneConfig) -> FitResult:
     """Build a Trainer on the initialised process group, fit, release the loss hook."""
-    trainer = Trainer(config, forward_step=forward_step)
+    trainer = Trainer(config)
     try:
         return trainer.fit()
     finally:

@@ -15,15 +15,29 @@ SEQ_LENGTH = 64
 VOCAB = tiny_qwen3_hf_config()["vocab_size"]
 
 
-def converted_tiny_checkpoint(directory: Path) -> Path:
-    """transformers' random tiny Qwen3 -> safetensors -> `convert import` (fp32)."""
+TINY_MOE = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+}
+
+
+def converted_tiny_checkpoint(directory: Path, **overrides: Any) -> Path:
+    """transformers' random tiny Qwen3 (or, with TINY_MOE, Qwen3-MoE) -> `convert import`."""
     import transformers
 
     from megatron_eaft.convert.engine import import_hf_checkpoint
 
     torch.manual_seed(0)
-    hf_config = transformers.Qwen3Config(**tiny_qwen3_hf_config())
-    model = transformers.Qwen3ForCausalLM(hf_config)
+    values = tiny_qwen3_hf_config(**overrides)
+    architecture = values["architectures"][0]
+    config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
+    model = getattr(transformers, architecture)(config_class(**values))
     # transformers zero-initialises nothing we need; RMSNorm weights start at 1, give them spread
     # so that a wrong norm mapping cannot hide.
     with torch.no_grad():
