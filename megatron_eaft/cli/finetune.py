@@ -25,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "finetune",
         help="EAFT fine-tuning with Megatron-Core (YAML config + overrides)",
         description=DESCRIPTION,
-        epilog="configuration keys (section: key: type (default)):\n" + schema_help(),
+        epilog="configuration keys (section: key: type = default):\n" + schema_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML configuration file (paths in it are relative to it)")
