@@ -180,3 +180,30 @@ def test_moe_step_matches_across_expert_parallel(dist, tmp_path_factory, packed_
         assert expert[-1]["reports"][key][1] == count, key
         assert expert[-1]["reports"][key][0] == pytest.approx(total, rel=1e-5, abs=1e-6), key
     assert expert[-1]["grad_norm"] == pytest.approx(single[-1]["grad_norm"], rel=1e-5)
+
+
+def eval_after_first_step(checkpoint: Path, data: Path) -> tuple[float, float, float]:
+    from megatron_eaft.train.trainer import run_training
+
+    config = helpers.finetune_config(
+        checkpoint,
+        data,
+        "train.iterations=2",  # warm-up 1: the first step's learning rate is 0
+        f"data.eval_path={data}",
+        "data.shuffle=false",
+        "eval.interval=1",
+        "eval.iterations=1",
+    )
+    result = run_training(config)
+    record = result.records[0]
+    return result.eval_losses[1], record.value("lm loss"), record.value("eaft loss")
+
+
+def test_evaluation_reports_plain_cross_entropy(dist, tiny_checkpoint, packed_dataset):
+    """The first step runs at warm-up LR 0, so evaluating the same rows after it must give
+    that step's unweighted CE (not the EAFT-weighted loss)."""
+    eval_loss, lm_loss, eaft_loss = dist.run(
+        eval_after_first_step, 1, tiny_checkpoint, packed_dataset
+    )[0]
+    assert eval_loss == pytest.approx(lm_loss, rel=1e-6)
+    assert abs(eaft_loss - lm_loss) > 1e-3
