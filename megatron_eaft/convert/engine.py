@@ -345,10 +345,14 @@ def import_hf_checkpoint(
         total = sum(reader.tensors[n].nbytes for n in plan.expected_hf())
         tensors = 0
         with ckpt.atomic_output_dir(out_dir, force=force) as tmp:
-            writer = TorchDistWriter(tmp / ckpt.RELEASE, fsync=fsync)
+            writer = TorchDistWriter(tmp / ckpt.RELEASE, fsync=fsync, file_span=reader.file_span)
             try:
+                units = list(plan.units())
                 with _progress(total, "import", progress) as bar:
-                    for unit in plan.units():
+                    for index, unit in enumerate(units):
+                        # Disk reads of the next unit overlap this unit's writes.
+                        if index + 1 < len(units):
+                            reader.prefetch(units[index + 1].hf_names)
                         hf_tensors = [reader.read(n).to(target_dtype) for n in unit.hf_names]
                         for row, piece in unit.param.transform.to_megatron(hf_tensors, plan.dims):
                             offsets = (*unit.prefix, row, *([0] * (piece.dim() - 1)))
@@ -361,6 +365,7 @@ def import_hf_checkpoint(
                         tensors += len(hf_tensors)
                         bar.update(sum(reader.tensors[n].nbytes for n in unit.hf_names))
                         del hf_tensors
+                        reader.forget_sources()
                 for key, offset, shape in plan.extra_state_objects():
                     writer.write_object(key, None, offset, shape)
                 writer.finish()

@@ -1,16 +1,17 @@
 """Sharded safetensors, read and written one tensor at a time.
 
 The safetensors format is an 8-byte little-endian header length, a JSON header mapping each
-name to dtype, shape and byte range, then the raw data. Reading parses the header and reads a
-tensor's bytes straight into a fresh tensor (one copy, as ``cp`` does; no mmap, so the
-process's resident memory is what it holds, not every page it ever touched). Writing
-computes every header up front from the planned names and shapes, then streams the data.
+name to dtype, shape and byte range, then the raw data. Reading maps a tensor's bytes
+(nothing is read until used, and a tensor that is only copied elsewhere can go file-to-file
+in the kernel, see :meth:`SafetensorsReader.file_span`). Writing computes every header up
+front from the planned names and shapes, then streams the data.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -146,28 +147,64 @@ class SafetensorsReader:
                     + (f" and {len(misplaced) - 10} more" if len(misplaced) > 10 else "")
                 )
         self._handles: dict[Path, BinaryIO] = {}
+        self._sources: dict[tuple[int, int], tuple[int, int]] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def read(self, name: str) -> torch.Tensor:
-        info = self.tensors[name]
-        tensor = torch.empty(info.shape, dtype=info.dtype)
-        handle = self._handles.get(info.path)
+    def _handle(self, path: Path) -> BinaryIO:
+        handle = self._handles.get(path)
         if handle is None:
-            handle = self._handles[info.path] = open(info.path, "rb", buffering=0)  # noqa: SIM115
-        view = (
-            memoryview(tensor.view(-1).view(torch.uint8).numpy())
-            if info.nbytes
-            else memoryview(b"")
+            handle = self._handles[path] = open(path, "rb", buffering=0)  # noqa: SIM115
+        return handle
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Ask the kernel to start reading these tensors now (no memory of ours is used)."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for name in names:
+            info = self.tensors[name]
+            os.posix_fadvise(
+                self._handle(info.path).fileno(), info.start, info.nbytes, os.POSIX_FADV_WILLNEED
+            )
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor, backed by a private mapping of its bytes in the file.
+
+        Nothing is read until the data is touched. Until :meth:`forget_sources`, the reader
+        remembers where each such tensor's bytes live (:meth:`file_span`), so a writer can
+        copy them file-to-file in the kernel instead of through this process's memory.
+        """
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        fd = self._handle(info.path).fileno()
+        aligned = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+        # MAP_PRIVATE + PROT_WRITE: torch wants a writable buffer; pages stay shared with the
+        # page cache unless someone writes to them, which nothing here does.
+        mapping = mmap.mmap(
+            fd,
+            info.start + info.nbytes - aligned,
+            flags=mmap.MAP_PRIVATE,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=aligned,
         )
-        got = 0
-        while got < info.nbytes:
-            n = os.preadv(handle.fileno(), [view[got:]], info.start + got)
-            if n <= 0:
-                raise HFCheckpointError(f"{info.path}: unexpected end of file reading {name!r}")
-            got += n
+        tensor = torch.frombuffer(
+            mapping,
+            dtype=info.dtype,
+            count=info.nbytes // info.dtype.itemsize,
+            offset=info.start - aligned,
+        ).reshape(info.shape)
+        self._sources[(tensor.data_ptr(), info.nbytes)] = (fd, info.start)
         return tensor
+
+    def file_span(self, address: int, nbytes: int) -> tuple[int, int] | None:
+        """(fd, offset) of the file bytes behind a tensor from :meth:`read`, if still known."""
+        return self._sources.get((address, nbytes))
+
+    def forget_sources(self) -> None:
+        """Drop the spans of tensors read so far; call once they are freed (addresses recycle)."""
+        self._sources.clear()
 
     def close(self) -> None:
         for handle in self._handles.values():

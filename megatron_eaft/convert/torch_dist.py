@@ -16,17 +16,19 @@ Megatron at any parallel layout.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import pickle
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
@@ -75,6 +77,18 @@ def _standalone(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+@contextlib.contextmanager
+def _without_crc32() -> Iterator[None]:
+    """torch.save without the per-record CRC32: torch.load does not check it, and computing
+    it costs more CPU than the rest of the conversion (it is a global switch, so restore it)."""
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(previous)
+
+
 @dataclass
 class _KeyLayout:
     global_shape: Shape
@@ -87,6 +101,10 @@ class TorchDistWriter:
 
     Data goes to ``__0_<n>.distcp`` files of up to ``max_file_bytes`` each (a chunk is never
     split). Nothing makes the directory loadable before ``finish`` writes ``.metadata``.
+
+    ``file_span(address, nbytes) -> (fd, offset) | None`` names a file holding a tensor's
+    exact bytes (e.g. :meth:`SafetensorsReader.file_span`); such data is then copied with
+    ``sendfile`` instead of through this process's memory.
     """
 
     def __init__(
@@ -95,8 +113,10 @@ class TorchDistWriter:
         *,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
         fsync: bool = True,
+        file_span: FileSpanLookup | None = None,
     ):
         self.directory = Path(directory)
+        self.file_span = file_span
         self.directory.mkdir(parents=True, exist_ok=True)
         if any(self.directory.iterdir()):
             raise FileExistsError(f"{self.directory} is not empty")
@@ -106,20 +126,20 @@ class TorchDistWriter:
         self._layouts: dict[str, _KeyLayout] = {}
         self._objects: set[str] = set()
         self._storage: dict[MetadataIndex, _StorageInfo] = {}
-        self._file: BinaryIO | None = None
+        self._file: _DataFile | None = None
         self._file_name = ""
         self._file_count = 0
         self._finished = False
 
     # -- data files -----------------------------------------------------------------------
 
-    def _stream(self) -> BinaryIO:
+    def _stream(self) -> _DataFile:
         if self._file is not None and self._file.tell() >= self.max_file_bytes:
             self._close_file()
         if self._file is None:
             self._file_name = f"__0_{self._file_count}.distcp"
             self._file_count += 1
-            self._file = open(self.directory / self._file_name, "wb")  # noqa: SIM115
+            self._file = _DataFile(self.directory / self._file_name, self.file_span)
         return self._file
 
     def _close_file(self) -> None:
@@ -172,7 +192,8 @@ class TorchDistWriter:
                 f"{layout.global_shape} {layout.dtype}"
             )
         data = _standalone(tensor)
-        info = self._append(lambda stream: torch.save(data, stream))
+        with _without_crc32():
+            info = self._append(lambda stream: torch.save(data, stream))
         self._storage[MetadataIndex(key, torch.Size(offsets))] = info
         layout.chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(data.shape)))
 
@@ -232,6 +253,66 @@ class TorchDistWriter:
     def _check_open(self) -> None:
         if self._finished:
             raise RuntimeError(f"{self.directory}: writer already finished")
+
+
+FileSpanLookup = Callable[[int, int], "tuple[int, int] | None"]
+
+
+class _DataFile:
+    """A ``.distcp`` file that torch.save writes into; known file spans go via sendfile.
+
+    torch.save hands a tensor's storage to ``write`` as one buffer at the storage's address;
+    when ``file_span`` knows a file holding exactly those bytes, the kernel copies them
+    file-to-file (as ``cp`` does) and the data never enters this process. Anything else,
+    and any ``sendfile`` failure, is an ordinary write.
+    """
+
+    def __init__(self, path: Path, file_span: FileSpanLookup | None):
+        self._file = open(path, "wb", buffering=0)  # noqa: SIM115
+        self._file_span = file_span
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if self._file_span is not None and view.nbytes >= _SENDFILE_MIN_BYTES:
+            address = np.frombuffer(view, dtype=np.uint8).ctypes.data
+            span = self._file_span(address, view.nbytes)
+            if span is not None and self._sendfile(*span, view.nbytes):
+                return view.nbytes
+        written = 0
+        while written < view.nbytes:
+            written += self._file.write(view[written:])
+        return written
+
+    def _sendfile(self, source_fd: int, offset: int, count: int) -> bool:
+        start = self._file.tell()
+        try:
+            done = 0
+            while done < count:
+                sent = os.sendfile(self._file.fileno(), source_fd, offset + done, count - done)
+                if sent == 0:
+                    raise OSError("sendfile: source ended early")
+                done += sent
+        except OSError:
+            self._file.seek(start)
+            self._file.truncate()
+            return False
+        return True
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# Below this, a plain write is as cheap as a system call that avoids it.
+_SENDFILE_MIN_BYTES = 1 << 20
 
 
 def _write_file(path: Path, data: bytes, fsync: bool) -> None:

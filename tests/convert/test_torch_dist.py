@@ -96,3 +96,42 @@ def test_reader_reads_what_megatron_saved_across_ranks(dist, tmp_path):
     full = torch.arange(3 * 4 * 5, dtype=torch.float32).reshape(3, 4, 5)
     assert torch.equal(reader.read("w"), full)
     assert torch.equal(reader.read("w", (1, 1, 0), (1, 2, 5)), full[1:2, 1:3])
+
+
+def _big_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from megatron_eaft.convert.hf_io import SafetensorsReader
+
+    tensor = torch.arange(1 << 20, dtype=torch.float32).reshape(1024, 1024)  # 4 MiB
+    save_file({"a": tensor, "b": tensor[:3].clone()}, tmp_path / "model.safetensors")
+    return tensor, SafetensorsReader(tmp_path)
+
+
+@pytest.mark.parametrize("sendfile_works", [True, False])
+def test_mapped_tensors_go_file_to_file_and_fall_back_to_writes(
+    tmp_path, monkeypatch, sendfile_works
+):
+    import os
+
+    expected, reader = _big_safetensors(tmp_path)
+    calls = []
+    real_sendfile = os.sendfile
+
+    def sendfile(out_fd, in_fd, offset, count):
+        calls.append(count)
+        if not sendfile_works:
+            raise OSError("cross-device")
+        return real_sendfile(out_fd, in_fd, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", sendfile)
+    writer = TorchDistWriter(tmp_path / "ckpt", fsync=False, file_span=reader.file_span)
+    mapped = reader.read("a")
+    writer.write_chunk("a", mapped.reshape(1, 1024, 1024), (0, 0, 0), (2, 1024, 1024))
+    doubled = mapped * 2  # a computed tensor: an ordinary write even at the same size
+    writer.write_chunk("a", doubled.reshape(1, 1024, 1024), (1, 0, 0), (2, 1024, 1024))
+    reader.forget_sources()
+    writer.finish()
+    assert calls and sum(calls) >= expected.nbytes
+    stored = TorchDistReader(tmp_path / "ckpt").read("a")
+    assert torch.equal(stored[0], expected) and torch.equal(stored[1], expected * 2)

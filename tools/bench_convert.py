@@ -1,0 +1,202 @@
+"""Benchmark `convert import` on a synthetic checkpoint with Qwen3-32B's shapes.
+
+Writes an HF directory (config.json + sharded safetensors) with Qwen3-32B's per-layer and
+embedding shapes but only ``--layers`` layers, then measures, each in a fresh process and
+alternating ``--repeats`` times:
+
+* ``cp -r`` of the HF directory, followed by fsync of every copied file (the baseline);
+* ``import_hf_checkpoint`` of the same directory (which fsyncs what it writes), with the
+  process's peak resident memory;
+* ``export_megatron_checkpoint`` back to HF, for reference.
+
+Reported: import throughput as a ratio to cp's (goal >= 0.5) and import peak RSS as a ratio
+to the largest tensor (goal <= 3), both medians over the repeats. Printed and written as JSON.
+
+    python tools/bench_convert.py --layers 4 --out bench_out/bench_convert.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Qwen3-32B (config.json of Qwen/Qwen3-32B).
+QWEN3_32B = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "vocab_size": 151936,
+    "hidden_size": 5120,
+    "intermediate_size": 25600,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "rope_scaling": None,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "use_sliding_window": False,
+    "torch_dtype": "bfloat16",
+}
+
+# Runs in a child process so its peak RSS is the conversion's alone. VmHWM is the high-water
+# mark of this process image (ru_maxrss would carry over the parent's from before exec).
+CHILD = r"""
+import json, sys, time
+from megatron_eaft.convert.engine import {function}
+
+def high_water_bytes():
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+baseline = high_water_bytes()
+start = time.perf_counter()
+summary = {function}(sys.argv[1], sys.argv[2], progress=False)
+seconds = time.perf_counter() - start
+print(json.dumps({{"seconds": seconds, "bytes": summary.bytes, "tensors": summary.tensors,
+                  "peak_rss": high_water_bytes(), "baseline_rss": baseline}}))
+"""
+
+
+def synthetic_checkpoint(directory: Path, layers: int, shard_bytes: int) -> tuple[int, int]:
+    """Write the HF directory; returns (total tensor bytes, largest tensor bytes)."""
+    from megatron_eaft.convert.engine import plan_conversion
+    from megatron_eaft.convert.families import family_for_hf_config
+    from megatron_eaft.convert.hf_io import PlannedTensor, SafetensorsShardWriter, plan_shards
+
+    config = {**QWEN3_32B, "num_hidden_layers": layers}
+    plan = plan_conversion(family_for_hf_config(config), config)
+    planned = [
+        PlannedTensor(name, torch.bfloat16, shape)
+        for unit in plan.units()
+        for name, shape in zip(unit.hf_names, unit.hf_shapes, strict=True)
+    ]
+    directory.mkdir(parents=True)
+    writer = SafetensorsShardWriter(directory, plan_shards(planned, shard_bytes), fsync=True)
+    # Random-looking but cheap: one random block tiled over each tensor.
+    block = torch.randn(1 << 20).to(torch.bfloat16)
+    for tensor in planned:
+        numel = tensor.nbytes // 2
+        data = block.repeat(-(-numel // block.numel()))[:numel].reshape(tensor.shape)
+        writer.write(tensor.name, data)
+        del data
+    writer.finish()
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return sum(t.nbytes for t in planned), max(t.nbytes for t in planned)
+
+
+def timed_cp(source: Path, target: Path) -> float:
+    start = time.perf_counter()
+    subprocess.run(["cp", "-r", str(source), str(target)], check=True)
+    for path in target.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return time.perf_counter() - start
+
+
+def run_child(function: str, source: Path, target: Path) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD.format(function=function), str(source), str(target)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs (default 3)")
+    parser.add_argument(
+        "--workdir", type=Path, default=Path("/tmp/bench_convert"), help="scratch directory"
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench_out/bench_convert.json"))
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    args = parser.parse_args()
+
+    if args.workdir.exists():
+        shutil.rmtree(args.workdir)
+    hf_dir = args.workdir / "hf"
+    start = time.perf_counter()
+    total_bytes, largest = synthetic_checkpoint(hf_dir, args.layers, 5 * 10**9)
+    print(
+        f"synthetic Qwen3-32B-shaped checkpoint: {args.layers} layers, {total_bytes / 1e9:.2f} GB, "
+        f"largest tensor {largest / 1e9:.2f} GB, written in {time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
+    file_bytes = sum(p.stat().st_size for p in hf_dir.iterdir())
+    cp_seconds, imports, exports = [], [], []
+    for repeat in range(args.repeats):
+        cp_dir, mg_dir, out_dir = (args.workdir / f"{n}{repeat}" for n in ("cp", "mg", "export"))
+        # Alternate which goes first, so neither always finds the source in the page cache.
+        if repeat % 2:
+            imports.append(run_child("import_hf_checkpoint", hf_dir, mg_dir))
+        cp_seconds.append(timed_cp(hf_dir, cp_dir))
+        shutil.rmtree(cp_dir)
+        if not repeat % 2:
+            imports.append(run_child("import_hf_checkpoint", hf_dir, mg_dir))
+        exports.append(run_child("export_megatron_checkpoint", mg_dir, out_dir))
+        shutil.rmtree(out_dir)
+        shutil.rmtree(mg_dir)
+        print(
+            f"run {repeat}: cp {file_bytes / cp_seconds[-1] / 1e9:.3f} GB/s, import "
+            f"{imports[-1]['bytes'] / imports[-1]['seconds'] / 1e9:.3f} GB/s "
+            f"(peak RSS {imports[-1]['peak_rss'] / 1e9:.2f} GB), export "
+            f"{exports[-1]['bytes'] / exports[-1]['seconds'] / 1e9:.3f} GB/s",
+            flush=True,
+        )
+
+    cp_gbps = file_bytes / statistics.median(cp_seconds) / 1e9
+    import_gbps = total_bytes / statistics.median(r["seconds"] for r in imports) / 1e9
+    export_gbps = total_bytes / statistics.median(r["seconds"] for r in exports) / 1e9
+    peak_rss = statistics.median(r["peak_rss"] for r in imports)
+    baseline_rss = statistics.median(r["baseline_rss"] for r in imports)
+    report = {
+        "model": "Qwen3-32B shapes",
+        "layers": args.layers,
+        "tensor_bytes": total_bytes,
+        "largest_tensor_bytes": largest,
+        "repeats": args.repeats,
+        "cp_gb_per_s": round(cp_gbps, 4),
+        "import_gb_per_s": round(import_gbps, 4),
+        "export_gb_per_s": round(export_gbps, 4),
+        "import_to_cp_throughput": round(import_gbps / cp_gbps, 3),
+        "import_peak_rss_bytes": peak_rss,
+        "import_baseline_rss_bytes": baseline_rss,
+        "import_peak_rss_to_largest_tensor": round(peak_rss / largest, 3),
+        "goals": {"import_to_cp_throughput": ">= 0.5", "import_peak_rss_to_largest_tensor": "<= 3"},
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__},
+    }
+    print(
+        f"import {import_gbps:.3f} GB/s = {report['import_to_cp_throughput']:.2f} x cp "
+        f"({cp_gbps:.3f} GB/s); export {export_gbps:.3f} GB/s; import peak RSS "
+        f"{peak_rss / 1e9:.2f} GB = {report['import_peak_rss_to_largest_tensor']:.2f} x the "
+        f"largest tensor ({largest / 1e9:.2f} GB; {baseline_rss / 1e9:.2f} GB of it is the "
+        "Python + torch baseline)"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    if not args.keep:
+        shutil.rmtree(args.workdir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
