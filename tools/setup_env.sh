@@ -21,7 +21,7 @@ find_python() {
 }
 
 python=$(find_python)
-if command -v uv >/dev/null 2>&1; then
+if uv --version >/dev/null 2>&1; then  # a pyenv shim is on PATH but may not run
   uv=uv
 else
   if [[ ! -x .tools/uv/bin/uv ]]; then
