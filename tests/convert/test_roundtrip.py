@@ -138,3 +138,33 @@ def test_export_of_a_checkpoint_saved_by_megatron_at_another_layout(
     shutil.copy(c.megatron_dir / ckpt.MODEL_METADATA_FILE, saved / ckpt.MODEL_METADATA_FILE)
     export_megatron_checkpoint(saved, tmp_path / "hf", progress=False, fsync=False)
     assert_same_tensors(hf_tensors(c.hf_dir), hf_tensors(tmp_path / "hf"))
+
+
+def test_file_to_file_copies_are_bit_exact(converted, tmp_path, monkeypatch):
+    import os
+
+    from megatron_eaft.convert import torch_dist
+
+    c = converted("qwen3_moe")
+    # Tiny tensors normally take the plain write path; force every one through sendfile.
+    monkeypatch.setattr(torch_dist, "_SENDFILE_MIN_BYTES", 1)
+    sent = []
+    real_sendfile = os.sendfile
+
+    def counting_sendfile(out_fd, in_fd, offset, count):
+        if os.readlink(f"/proc/self/fd/{out_fd}").endswith(".distcp"):  # not shutil's copies
+            sent.append(count)
+        return real_sendfile(out_fd, in_fd, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", counting_sendfile)
+    import_hf_checkpoint(c.hf_dir, tmp_path / "mg", progress=False, fsync=False)
+    hf = hf_tensors(c.hf_dir)
+    # Everything but q/k/v (interleaved, computed) goes file to file.
+    copied = sum(
+        t.nbytes
+        for n, t in hf.items()
+        if not n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))
+    )
+    assert sum(sent) == copied
+    export_megatron_checkpoint(tmp_path / "mg", tmp_path / "hf", progress=False, fsync=False)
+    assert_same_tensors(hf, hf_tensors(tmp_path / "hf"))
