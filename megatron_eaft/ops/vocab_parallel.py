@@ -134,13 +134,17 @@ def exp_rows_(
     chunk = _exact_pass_chunk_rows(width, shifted.element_size(), shifted.device)
     sum_exp = torch.empty(rows, dtype=shifted.dtype, device=shifted.device)
     sum_exp_x = torch.empty_like(sum_exp)
+    # One reused chunk buffer and out= everywhere: four ops per chunk, no allocation in the loop.
+    exp_buffer = torch.empty(min(chunk, rows), width, dtype=shifted.dtype, device=shifted.device)
     for start in range(0, rows, chunk):
         x = shifted[start : start + chunk]
-        e = torch.exp(x)
+        n = x.size(0)
+        e = exp_buffer[:n]
+        torch.exp(x, out=e)
         # Batched dot products: sum_v e_v * x_v per row without an [rows, V] product tensor.
-        sum_exp_x[start : start + chunk] = torch.bmm(e.unsqueeze(1), x.unsqueeze(2)).view(-1)
+        torch.bmm(e.unsqueeze(1), x.unsqueeze(2), out=sum_exp_x[start : start + n].view(n, 1, 1))
         x.copy_(e)
-        sum_exp[start : start + chunk] = x.sum(dim=-1)
+        torch.sum(e, dim=-1, out=sum_exp[start : start + n])
     return sum_exp, sum_exp_x
 
 
