@@ -114,6 +114,8 @@ def read_model_metadata(megatron_ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     Returns a dict with at least ``hf_config``, ``padded_vocab_size``, ``family``, ``dtype``,
     ``transformer_impl`` and ``make_vocab_size_divisible_by``.
     """
+    if not Path(megatron_ckpt_dir).is_dir():
+        raise MegatronCheckpointError(f"{megatron_ckpt_dir} is not a directory")
     path = Path(megatron_ckpt_dir) / MODEL_METADATA_FILE
     try:
         text = path.read_text(encoding="utf-8")

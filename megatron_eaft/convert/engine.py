@@ -256,9 +256,16 @@ class ConversionSummary:
 
     def line(self) -> str:
         return (
-            f"{self.direction}: {self.tensors} tensors, {self.bytes / 1e9:.3f} GB in "
+            f"{self.direction}: {self.tensors} tensors, {_human_bytes(self.bytes)} in "
             f"{self.seconds:.1f} s ({self.gb_per_s:.2f} GB/s) -> {self.output}"
         )
+
+
+def _human_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
 
 
 def _progress(total: int, desc: str, enabled: bool) -> tqdm:

@@ -28,7 +28,7 @@ def test_import_export_and_errors(converted, tmp_path, capsys):
     )
     line = capsys.readouterr().out.strip()
     assert re.fullmatch(
-        rf"import: \d+ tensors, [\d.]+ GB in [\d.]+ s \([\d.]+ GB/s\) -> {out}", line
+        rf"import: \d+ tensors, [\d.]+ [kMG]B in [\d.]+ s \([\d.]+ GB/s\) -> {out}", line
     )
 
     assert main(["convert", "import", "--hf", str(c.hf_dir), "--out", str(out)]) == 1
