@@ -165,7 +165,7 @@ def _collect(args: argparse.Namespace, options):
 
 
 def _run_logs(args: argparse.Namespace) -> int:
-    from megatron_eaft.diagnostics.plots import CONFLICT_KEY, LOSS_KEYS
+    from megatron_eaft.diagnostics.plots import CONFLICT_KEY, EVAL_KEY, LOSS_KEYS
     from megatron_eaft.diagnostics.report import format_curves, write_curves
     from megatron_eaft.diagnostics.run_logs import read_run_log
 
@@ -174,7 +174,7 @@ def _run_logs(args: argparse.Namespace) -> int:
         if label in runs:
             raise ValueError(f"two runs are labelled {label!r}; name them with LABEL=PATH")
         runs[label] = read_run_log(path)
-    print(format_curves(runs, (*LOSS_KEYS, CONFLICT_KEY)))
+    print(format_curves(runs, (*LOSS_KEYS, EVAL_KEY, CONFLICT_KEY)))
     for path in write_curves(runs, args.out, plots=not args.no_plots):
         print(f"wrote {path}")
     return 0

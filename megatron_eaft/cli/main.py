@@ -8,7 +8,7 @@ import sys
 
 # Each module defines `add_parser(subparsers) -> None`, registering a parser whose
 # `func(args) -> int` runs the command. Imported lazily so `--help` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ("prepare_data", "convert", "finetune", "diagnose")
+COMMAND_MODULES: tuple[str, ...] = ("prepare_data", "convert", "finetune", "diagnose", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

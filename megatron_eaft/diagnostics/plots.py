@@ -16,6 +16,7 @@ from megatron_eaft.diagnostics.run_logs import Series
 
 LOSS_KEYS = ("lm loss", "eaft loss")
 CONFLICT_KEY = "eaft/confident_conflict_frac"
+EVAL_KEY = "eval/lm loss"
 
 
 def _pyplot():
@@ -103,35 +104,45 @@ def plot_entropy_probability(statistics: Mapping[str, Any], path: str | os.PathL
 
 
 def plot_topk_agreement(agreement: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Mean |top-K - exact| normalised entropy per bin of exact entropy, with token counts."""
+    """Mean |top-K - exact| normalised entropy per bin of exact entropy, with token counts.
+
+    The last bar (grey, right of 1) holds the tokens whose exact entropy exceeds ln K, where
+    the top-K estimate, capped at ln K, cannot follow.
+    """
     import numpy as np
 
     plt = _pyplot()
     bins = agreement["bins"]
+    above = agreement["above_normaliser"]
     edges = np.asarray(bins["edges"])
-    errors = np.asarray([np.nan if e is None else e for e in bins["mean_abs_error"]])
-    counts = np.asarray(bins["counts"], dtype=np.float64)
+    width = float(edges[1] - edges[0])
+    lefts = np.append(edges[:-1], edges[-1] + width / 2)
+    errors = np.asarray(
+        [np.nan if e is None else e for e in [*bins["mean_abs_error"], above["mean_abs_error"]]]
+    )
+    counts = np.asarray([*bins["counts"], above["count"]], dtype=np.float64)
+    colours = ["tab:orange"] * (len(lefts) - 1) + ["tab:gray"]
     figure, error_axes = plt.subplots(figsize=(8, 4.2))
-    error_axes.bar(edges[:-1], errors, width=np.diff(edges), align="edge", color="tab:orange")
-    error_axes.set_xlabel("exact entropy / ln K")
+    error_axes.bar(lefts, np.nan_to_num(errors), width=width, align="edge", color=colours)
+    error_axes.set_xlabel("exact entropy / ln K   (grey: above ln K)")
     error_axes.set_ylabel("mean |top-K - exact| / ln K")
     count_axes = error_axes.twinx()
-    count_axes.plot((edges[:-1] + edges[1:]) / 2, counts, color="tab:blue", marker=".")
+    count_axes.plot(lefts + width / 2, counts, color="tab:blue", marker=".", linestyle="none")
     count_axes.set_ylabel("tokens", color="tab:blue")
     if counts.max(initial=0) > 0:
         count_axes.set_yscale("log")
     r = agreement.get("pearson_r")
-    above = agreement["above_normaliser"]["count"]
     error_axes.set_title(
         f"top-{agreement.get('k', '?')} vs exact entropy: Pearson r = "
         + ("n/a" if r is None else f"{r:.4f}")
-        + f"; {above:,} tokens above ln K"
+        + f" over {agreement['tokens']:,} tokens"
     )
     return _save(figure, path)
 
 
 def plot_training_curves(runs: Mapping[str, Mapping[str, Series]], path: str | os.PathLike) -> Path:
-    """Loss curves (``lm loss`` solid, ``eaft loss`` dashed) and the conflict fraction per run."""
+    """Loss curves (``lm loss`` solid, ``eaft loss`` dashed, evaluation dotted) and the
+    confident-conflict fraction, one colour per run."""
     plt = _pyplot()
     figure, (loss_axes, conflict_axes) = plt.subplots(1, 2, figsize=(12, 4.4))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -144,6 +155,11 @@ def plot_training_curves(runs: Mapping[str, Mapping[str, Series]], path: str | o
                 loss_axes.plot(
                     *zip(*points, strict=True), style, color=colour, label=f"{label}: {key}"
                 )
+        points = series.get(EVAL_KEY)
+        if points:
+            loss_axes.plot(
+                *zip(*points, strict=True), ":o", color=colour, label=f"{label}: {EVAL_KEY}"
+            )
         points = series.get(CONFLICT_KEY)
         if points:
             conflict_axes.plot(*zip(*points, strict=True), color=colour, label=label)

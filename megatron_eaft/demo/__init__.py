@@ -1,0 +1,1 @@
+"""The end-to-end CPU demo behind `megatron-eaft demo` (see :mod:`.pipeline`)."""

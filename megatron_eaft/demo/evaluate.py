@@ -1,0 +1,89 @@
+"""What the demo measures on HF checkpoints with transformers: answers, accuracy, general loss."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_eaft.demo.data import QA
+
+
+def load_model(directory: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(directory), dtype=torch.float32, local_files_only=True
+    )
+    return model.eval(), tokenizer
+
+
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    questions: Sequence[str],
+    max_new_tokens: int = 24,
+    batch_size: int = 32,
+) -> list[str]:
+    """Greedy answers to single-turn chat questions (batched, left-padded)."""
+    tokenizer.padding_side = "left"
+    answers = []
+    for start in range(0, len(questions), batch_size):
+        prompts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            )
+            for q in questions[start : start + batch_size]
+        ]
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            output = model.generate(
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new_tokens = output[:, encoded["input_ids"].shape[1] :]
+        answers += [
+            text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        ]
+    return answers
+
+
+def accuracy(model: Any, tokenizer: Any, qa: Sequence[QA]) -> tuple[float, list[str]]:
+    """Fraction of exact-match greedy answers, and the answers."""
+    answers = generate_answers(model, tokenizer, [item.question for item in qa])
+    correct = sum(answer == item.answer for answer, item in zip(answers, qa, strict=True))
+    return correct / len(qa), answers
+
+
+def mean_token_loss(
+    model: Any, tokenizer: Any, documents: Sequence[str], batch_size: int = 32
+) -> float:
+    """Mean next-token cross-entropy over the documents' tokens (a forgetting measure)."""
+    total, count = 0.0, 0
+    tokenizer.padding_side = "right"
+    for start in range(0, len(documents), batch_size):
+        encoded = tokenizer(
+            list(documents[start : start + batch_size]),
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+        )
+        labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+        with torch.no_grad():
+            logits = model(**encoded).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
+        )
+        total += float(losses)
+        count += int((targets != -100).sum())
+    return total / count if count else float("nan")
