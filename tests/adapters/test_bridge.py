@@ -6,14 +6,19 @@ schedule equal to EAFTForwardStep's."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
+from megatron_eaft.convert import verify
+from megatron_eaft.convert.engine import import_hf_checkpoint
 from megatron_eaft.megatron.launcher import WorkerPool
 from megatron_eaft.ops import EAFTConfig
 from tests.adapters import bridge_support
+from tests.glm4 import glm4_models
 from tests.megatron import tiny_gpt
 
 EAFT = EAFTConfig(kind="eaft", topk=8)
@@ -270,3 +275,42 @@ def test_tp2_training_step_through_megatrons_schedule_equals_eaft_forward_step(b
         assert ours["loss"] == pytest.approx(expected["loss"], rel=1e-6)
         assert ours["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-6)
         assert ours["update_successful"]
+
+
+GLM4_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "bridge" / "glm4_eaft_sft.py"
+
+
+def _glm4_example_logits(megatron_dir: str, input_ids: torch.Tensor) -> torch.Tensor:
+    """The GLM-4 example's Bridge model provider, built by Bridge, loaded from our conversion."""
+    bridge_support.import_bridge()
+    from megatron_eaft.convert.checkpoint import load_checkpoint_into_model
+    from megatron_eaft.megatron import cpu_runtime
+    from megatron_eaft.megatron.glm4 import Glm4TransformerLayer
+
+    cpu_runtime.initialize_parallel()
+    spec = importlib.util.spec_from_file_location("glm4_eaft_sft", GLM4_EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    provider = example.glm4_model_provider(Path(megatron_dir), 1, 1, 64, dtype=torch.float32)
+    provider.finalize()
+    (model,) = provider.provide_distributed_model(
+        wrap_with_ddp=False, use_cpu_initialization=True, mixed_precision_wrapper=None
+    )
+    assert all(isinstance(layer, Glm4TransformerLayer) for layer in model.decoder.layers)
+    load_checkpoint_into_model(model, megatron_dir)
+    model.eval()
+    positions = torch.arange(input_ids.size(1)).unsqueeze(0).expand_as(input_ids)
+    with torch.no_grad():
+        return model(input_ids, positions, None)
+
+
+def test_glm4_example_provider_loads_our_conversion_and_matches_transformers(bridge_dist, tmp_path):
+    config = glm4_models.tiny_hf_config()
+    hf_dir = tmp_path / "hf"
+    glm4_models.random_hf_model(config, seed=5).save_pretrained(hf_dir)
+    megatron_dir = tmp_path / "megatron"
+    import_hf_checkpoint(hf_dir, megatron_dir, dtype="fp32", progress=False, fsync=False)
+    input_ids = verify.sample_inputs(config.vocab_size, batch=2, seq_len=10, seed=3)
+    expected = verify.hf_logits(hf_dir, input_ids)
+    logits = bridge_dist.run(_glm4_example_logits, 1, str(megatron_dir), input_ids)[0]
+    torch.testing.assert_close(logits[..., : expected.size(-1)], expected, rtol=1e-4, atol=1e-4)

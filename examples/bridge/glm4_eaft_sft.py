@@ -1,0 +1,112 @@
+"""Dense GLM-4 (GLM-4-0414) full SFT in Megatron-Bridge with EAFT, from our conversion.
+
+Megatron-Bridge has no dense GLM-4 (``Glm4ForCausalLM``) bridge: its layers have two extra
+"sandwich" norms. ``megatron-eaft convert import`` converts it, and this script hands Bridge a
+model provider built from that checkpoint's metadata with our GLM-4 layer spec
+(``megatron_eaft.megatron.glm4``), so Bridge's trainer, data and checkpointing run it:
+
+    megatron-eaft convert import --hf /models/GLM-4-9B-0414 --out /ckpt/glm4-9b \
+        --transformer-impl transformer_engine --dtype bf16
+    torchrun --nproc-per-node 8 examples/bridge/glm4_eaft_sft.py \
+        --megatron-checkpoint /ckpt/glm4-9b --save /ckpt/glm4-9b-eaft --tp 4 \
+        --dataset-root /data/glm4_sft --eaft-kind eaft
+
+``checkpoint.pretrained_checkpoint`` points at the converted torch_dist directory (its tracker
+says ``release``); the tokenizer is the HF one the conversion copied to ``<checkpoint>/hf``.
+The training set-up (optimizer, schedule, packed-sequence SFT data) is Bridge's SFT recipe base.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_eaft.convert.checkpoint import HF_FILES_DIR, read_model_metadata
+from megatron_eaft.convert.families import family_for_hf_config
+from megatron_eaft.megatron.bridge import enable_eaft
+from megatron_eaft.megatron.megatron_lm import add_eaft_args, eaft_config_from_args
+
+
+def glm4_model_provider(
+    checkpoint: Path, tp: int, pp: int, seq_length: int, dtype: torch.dtype = torch.bfloat16
+) -> Any:
+    """A Bridge GPTModelProvider for the converted GLM-4 checkpoint, with our layer spec."""
+    from megatron.bridge.models import GPTModelProvider
+
+    metadata = read_model_metadata(checkpoint)
+    hf_config = metadata["hf_config"]
+    family = family_for_hf_config(hf_config)
+    if family.name != "glm4":
+        raise SystemExit(f"{checkpoint} holds a {family.name} model, not GLM-4")
+    transformer_impl = metadata["transformer_impl"]
+    model_kwargs = family.gpt_model_kwargs(family.hf(hf_config))
+    model_kwargs.pop("max_sequence_length", None)  # Bridge's provider calls it seq_length
+
+    def layer_spec(config, vp_stage=None):
+        return family.layer_spec(config, transformer_impl)
+
+    return GPTModelProvider(
+        **family.transformer_config_kwargs(hf_config),
+        **model_kwargs,
+        transformer_layer_spec=layer_spec,
+        vocab_size=metadata["padded_vocab_size"],
+        should_pad_vocab=False,  # the checkpoint's padded embedding rows, as converted
+        seq_length=seq_length,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        transformer_impl=transformer_impl,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype if pp > 1 else None,
+    )
+
+
+def glm4_sft_config(args: argparse.Namespace):
+    # Bridge's shared SFT recipe base (optimizer, cosine schedule, packed SFT data, logging);
+    # it leaves model and tokenizer to the caller, as every Bridge SFT recipe does.
+    from megatron.bridge.recipes.common import _sft_common
+
+    checkpoint = Path(args.megatron_checkpoint)
+    cfg = _sft_common()
+    cfg.model = glm4_model_provider(checkpoint, args.tp, args.pp, args.seq_length)
+    cfg.tokenizer.tokenizer_model = str(checkpoint / HF_FILES_DIR)
+    cfg.checkpoint.pretrained_checkpoint = str(checkpoint)
+    cfg.checkpoint.save = args.save
+    cfg.dataset.seq_length = args.seq_length
+    if args.dataset_root is not None:  # Bridge takes exactly one data source
+        cfg.dataset.dataset_root = args.dataset_root
+        cfg.dataset.hf_dataset = None
+        cfg.dataset.hf_validation_dataset = None
+        cfg.dataset.hf_test_dataset = None
+    if args.train_iters is not None:
+        cfg.train.train_iters = args.train_iters
+    return cfg
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--megatron-checkpoint", required=True, help="`convert import` output")
+    parser.add_argument("--save", required=True, help="where Bridge writes checkpoints")
+    parser.add_argument("--tp", type=int, default=4, help="tensor-parallel size")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    parser.add_argument("--seq-length", type=int, default=4096, help="packed row length")
+    parser.add_argument("--train-iters", type=int, default=None, help="override the recipe's")
+    parser.add_argument("--dataset-root", default=None, help="local SFT JSONL/packed directory")
+    return add_eaft_args(parser).parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = glm4_sft_config(args)
+    forward_step = enable_eaft(cfg, eaft_config_from_args(args))
+
+    from megatron.bridge.training.finetune import finetune
+
+    finetune(cfg, forward_step_func=forward_step)
+
+
+if __name__ == "__main__":
+    main()
