@@ -26,7 +26,7 @@ import torch
 
 from megatron_eaft.convert.checkpoint import HF_FILES_DIR, read_model_metadata
 from megatron_eaft.convert.families import family_for_hf_config
-from megatron_eaft.megatron.bridge import enable_eaft
+from megatron_eaft.megatron.bridge import enable_eaft, use_local_sft_data
 from megatron_eaft.megatron.megatron_lm import add_eaft_args, eaft_config_from_args
 
 
@@ -76,11 +76,8 @@ def glm4_sft_config(args: argparse.Namespace):
     cfg.checkpoint.pretrained_checkpoint = str(checkpoint)
     cfg.checkpoint.save = args.save
     cfg.dataset.seq_length = args.seq_length
-    if args.dataset_root is not None:  # Bridge takes exactly one data source
-        cfg.dataset.dataset_root = args.dataset_root
-        cfg.dataset.hf_dataset = None
-        cfg.dataset.hf_validation_dataset = None
-        cfg.dataset.hf_test_dataset = None
+    if args.dataset_root is not None:
+        use_local_sft_data(cfg, args.dataset_root)
     if args.train_iters is not None:
         cfg.train.train_iters = args.train_iters
     return cfg

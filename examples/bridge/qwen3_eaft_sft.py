@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_eaft.megatron.bridge import enable_eaft
+from megatron_eaft.megatron.bridge import enable_eaft, use_local_sft_data
 from megatron_eaft.megatron.megatron_lm import add_eaft_args, eaft_config_from_args
 
 # Bridge renamed its recipes across 0.2 -> 0.6 and keeps the old names as aliases.
@@ -63,11 +63,8 @@ def main() -> None:
     cfg.checkpoint.save = args.save
     if args.train_iters is not None:
         cfg.train.train_iters = args.train_iters
-    if args.dataset_root is not None:  # Bridge takes exactly one data source
-        cfg.dataset.dataset_root = args.dataset_root
-        cfg.dataset.hf_dataset = None
-        cfg.dataset.hf_validation_dataset = None
-        cfg.dataset.hf_test_dataset = None
+    if args.dataset_root is not None:
+        use_local_sft_data(cfg, args.dataset_root)
     forward_step = enable_eaft(cfg, eaft)
 
     from megatron.bridge.training.finetune import finetune

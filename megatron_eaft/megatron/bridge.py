@@ -106,6 +106,15 @@ def enable_eaft(cfg: Any, config: EAFTConfig) -> EAFTBridgeForwardStep:
     return EAFTBridgeForwardStep(config)
 
 
+def use_local_sft_data(cfg: Any, dataset_root: str) -> None:
+    """Point a Bridge SFT recipe at local JSONL/packed data instead of its HF-hub dataset
+    (Bridge's GPTSFTDatasetConfig takes exactly one source)."""
+    cfg.dataset.dataset_root = dataset_root
+    for source in ("hf_dataset", "hf_validation_dataset", "hf_test_dataset"):
+        if hasattr(cfg.dataset, source):
+            setattr(cfg.dataset, source, None)
+
+
 class EAFTBridgeForwardStep:
     """Bridge forward step ``(state, data_iterator, model, return_schedule_plan=False)``."""
 
