@@ -59,7 +59,12 @@ def generate_answers(
 
 def accuracy(model: Any, tokenizer: Any, qa: Sequence[QA]) -> tuple[float, list[str]]:
     """Fraction of exact-match greedy answers, and the answers."""
-    answers = generate_answers(model, tokenizer, [item.question for item in qa])
+    # Room for the longest expected answer and its end-of-turn token, and no more: a model
+    # that never stops costs a few tokens, not a page.
+    longest = max(len(tokenizer(item.answer, add_special_tokens=False)["input_ids"]) for item in qa)
+    answers = generate_answers(
+        model, tokenizer, [item.question for item in qa], max_new_tokens=longest + 2
+    )
     correct = sum(answer == item.answer for answer, item in zip(answers, qa, strict=True))
     return correct / len(qa), answers
 

@@ -49,7 +49,7 @@ class DemoSettings:
     global_batch_size: int = 16
     micro_batch_size: int = 4
     lr: float = 1e-3
-    diagnose_tokens: int = 20_000
+    diagnose_tokens: int = 8_000
     general_eval_questions: int | None = None  # None: every general question
     domain_eval_questions: int = 60
     compare_sft: bool = True

@@ -100,15 +100,14 @@ def format_report(report: dict[str, Any]) -> str:
                 f"  {label:>5} | {100 * result['domain_accuracy']:16.1f}% | "
                 f"{100 * result['general_accuracy']:22.1f}% | {result['general_loss']:17.3f}"
             )
-        sample_model = (
-            "eaft" if "eaft" in evaluation["models"] else next(iter(evaluation["models"]))
-        )
-        lines += [
-            "",
-            f"sample from the fine-tuned {sample_model.upper()} model (transformers generate):",
-        ]
-        for question, answer in evaluation["models"][sample_model]["samples"].items():
-            lines += [f"  Q: {question}", f"  A: {answer}"]
+        models = evaluation["models"]
+        questions = list(next(iter(models.values()))["samples"])
+        lines += ["", "samples (transformers generate, greedy):"]
+        for question in questions:
+            lines.append(f"  Q: {question}")
+            lines += [
+                f"    {label:>4}: {result['samples'][question]}" for label, result in models.items()
+            ]
     lines += ["", "time per stage (wall; CPU of this process and its ranks):"]
     cpu = report.get("stage_cpu_seconds", {})
     for stage, seconds in report.get("stage_seconds", {}).items():

@@ -81,16 +81,12 @@ def format_diagnosis(result: Mapping[str, Any]) -> str:
         f"{agreement['above_normaliser']['count']:,} tokens",
     ]
     errors = agreement["bins"]["mean_abs_error"]
-    counts = agreement["bins"]["counts"]
     edges = agreement["bins"]["edges"]
-    per_bin = [
-        f"[{edges[i]:.2f},{edges[i + 1]:.2f}) {errors[i]:.4f} (n={counts[i]})"
-        for i in range(len(errors))
-        if errors[i] is not None
-    ]
-    if per_bin:
-        lines.append("  per-bin mean |error| by exact entropy / ln K:")
-        lines.extend(f"    {entry}" for entry in per_bin)
+    per_bin = " ".join("  -  " if e is None else f"{e:.3f}" for e in errors)
+    lines.append(
+        f"  mean |error| per exact-entropy bin ({len(errors)} bins of {edges[1] - edges[0]:.2f} "
+        f"x ln K, low to high): {per_bin}"
+    )
     return "\n".join(lines)
 
 
