@@ -7,7 +7,8 @@ per worker and then serves any number of jobs, each in a fresh process group on 
 A job is ``fn(*args, **kwargs)`` on ranks ``0..world_size-1``; ``fn`` must be importable by
 module path (a top-level function) and return something picklable. If any rank raises, the
 call raises :class:`RankError` carrying that rank's traceback; ranks left waiting in a
-collective are killed and replaced, so one failing job does not poison the next.
+collective (or stuck tearing one down) are killed and replaced, so one failing job does not
+poison the next, and ranks that came back cleanly are kept.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import datetime
 import multiprocessing as mp
 import os
 import socket
+import sys
 import time
 import traceback
 import warnings
@@ -28,6 +30,8 @@ DEFAULT_TIMEOUT_S = 300.0
 _STARTUP_TIMEOUT_S = 600.0
 # After one rank fails, how long the others get to notice before they are killed.
 _FAILURE_GRACE_S = 10.0
+# How long a rank that raised gets to tear its process group down before it is replaced.
+_TEARDOWN_GRACE_S = 10.0
 
 
 class RankError(RuntimeError):
@@ -59,12 +63,23 @@ def _init_job(job: dict[str, Any]) -> None:
     )
 
 
+def _reports_idle(conn: Connection) -> bool:
+    """Whether a worker that reported an error has since torn its job down."""
+    try:
+        return conn.poll(_TEARDOWN_GRACE_S) and conn.recv()[0] == "idle"
+    except (EOFError, OSError):
+        return False
+
+
 def _end_job() -> None:
     import torch
 
-    from megatron_eaft.megatron import cpu_runtime
+    # Only a job that imported megatron can have model-parallel state to destroy; a pool
+    # without megatron preloaded should not pay its import here.
+    if "megatron.core.parallel_state" in sys.modules:
+        from megatron_eaft.megatron import cpu_runtime
 
-    cpu_runtime.destroy_parallel()
+        cpu_runtime.destroy_parallel()
     torch.distributed.destroy_process_group()
 
 
@@ -92,13 +107,15 @@ def _worker_main(conn: Connection, preload: bool) -> None:
             result = job["fn"](*job["args"], **job["kwargs"])
         except BaseException as exc:
             # Report before tearing down: teardown can block while peers sit in a
-            # collective, and the parent replaces this worker anyway.
+            # collective, and then the parent replaces this worker.
             formatted = traceback.format_exc()
             try:
                 conn.send(("error", formatted, exc))
             except Exception:  # the exception itself may not pickle
                 conn.send(("error", formatted, None))
             _end_job()
+            # Torn down cleanly: the parent may keep this worker (and its imports).
+            conn.send(("idle", None))
             continue
         _end_job()
         try:
@@ -195,6 +212,7 @@ class WorkerPool:
             conns[conn] = rank
         results: list[Any] = [None] * world_size
         failure: RankError | None = None
+        errored: set[int] = set()
         deadline = time.monotonic() + timeout
         pending = dict(conns)
         while pending:
@@ -209,14 +227,18 @@ class WorkerPool:
                     message = ("error", f"rank {rank}: worker process died", None)
                 if message[0] == "ok":
                     results[rank] = message[1]
-                elif failure is None:
+                    continue
+                errored.add(rank)
+                if failure is None:
                     failure = RankError(rank, message[1], message[2])
                     deadline = min(deadline, time.monotonic() + _FAILURE_GRACE_S)
         if failure is not None:
-            # Ranks of a failed job may sit in a collective or in process-group teardown:
-            # replace them all rather than risk a hung worker serving the next job.
-            for rank in range(world_size):
-                self._kill(rank)
+            # Ranks still in the job may sit in a collective, and a rank that raised may hang
+            # in process-group teardown: replace those, keep the ranks that came back clean
+            # (re-importing megatron costs seconds per worker).
+            for conn, rank in conns.items():
+                if conn in pending or (rank in errored and not _reports_idle(conn)):
+                    self._kill(rank)
             raise failure
         if pending:
             for rank in range(world_size):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 
-from megatron_eaft.megatron.launcher import RankError
+from megatron_eaft.megatron import launcher
+from megatron_eaft.megatron.launcher import RankError, WorkerPool
 from tests.megatron import tiny_gpt
 
 
@@ -53,6 +57,13 @@ def test_rng_tracker_forks_per_tensor_parallel_rank(dist):
     assert torch.equal(torch.cat([a0, b0]), expected_outside), "fork must restore the CPU stream"
 
 
+@pytest.fixture(scope="module")
+def light_pool():
+    """Workers without megatron: the launcher's failure handling, with cheap replacements."""
+    with WorkerPool(2, preload_megatron=False) as pool:
+        yield pool
+
+
 def _fail_on_rank_one() -> int:
     rank = torch.distributed.get_rank()
     if rank == 1:
@@ -61,13 +72,44 @@ def _fail_on_rank_one() -> int:
     return rank
 
 
+def _fail_on_every_rank() -> None:
+    raise ValueError(f"deliberate failure on rank {torch.distributed.get_rank()}")
+
+
 def _rank() -> int:
     return torch.distributed.get_rank()
 
 
-def test_rank_exception_is_reraised_and_pool_recovers(dist):
+def _rank_and_pid() -> tuple[int, int]:
+    return torch.distributed.get_rank(), os.getpid()
+
+
+def test_rank_exception_is_reraised_and_pool_recovers(light_pool):
     with pytest.raises(RankError, match="deliberate failure on rank 1") as info:
-        dist.run(_fail_on_rank_one, 2, timeout=60)
+        light_pool.run(_fail_on_rank_one, 2, timeout=60)
     assert info.value.rank == 1
     assert isinstance(info.value.exception, ValueError)
-    assert dist.run(_rank, 2) == [0, 1]
+    assert light_pool.run(_rank, 2) == [0, 1]
+
+
+def _hang_on_rank_zero() -> None:
+    if torch.distributed.get_rank() == 0:
+        time.sleep(600)  # never reports back: only killing it frees the worker
+    raise ValueError("deliberate failure on rank 1")
+
+
+def test_a_rank_that_never_returns_is_replaced_and_the_others_kept(light_pool, monkeypatch):
+    monkeypatch.setattr(launcher, "_FAILURE_GRACE_S", 1.0)
+    before = light_pool.run(_rank_and_pid, 2)
+    with pytest.raises(RankError, match="deliberate failure on rank 1"):
+        light_pool.run(_hang_on_rank_zero, 2, timeout=60)
+    after = light_pool.run(_rank_and_pid, 2)
+    assert [rank for rank, _ in after] == [0, 1]
+    assert after[0][1] != before[0][1] and after[1][1] == before[1][1]
+
+
+def test_ranks_that_raise_cleanly_are_kept(light_pool):
+    before = light_pool.run(_rank_and_pid, 2)
+    with pytest.raises(RankError, match="deliberate failure on rank 0"):
+        light_pool.run(_fail_on_every_rank, 2, timeout=60)
+    assert light_pool.run(_rank_and_pid, 2) == before
