@@ -316,6 +316,10 @@ def _bench_tp(options: dict, tp: int, rank: int, device: torch.device) -> dict |
 def _rank_main(rank: int, world: int, options: dict, result_path: str) -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # Every rank pays megatron's import now, side by side: done lazily, a rank that sits out
+    # the first TP size would pay it afterwards while the others wait.
+    import megatron.core.tensor_parallel  # noqa: F401
+
     device = torch.device(options["device"])
     if device.type == "cuda":
         torch.cuda.set_device(rank)
