@@ -30,5 +30,6 @@ else
   fi
   uv=.tools/uv/bin/uv
 fi
-# The CPU test/demo environment: everything CI runs, from the lock file, nothing newer.
-"$uv" sync --locked --extra dev --python "$python"
+# The CPU test/demo environment: everything CI runs (the Megatron-Bridge adapter's tests
+# included), from the lock file, nothing newer.
+"$uv" sync --locked --extra dev --extra bridge --python "$python"
