@@ -110,6 +110,6 @@ def test_a_rank_that_never_returns_is_replaced_and_the_others_kept(light_pool, m
 
 def test_ranks_that_raise_cleanly_are_kept(light_pool):
     before = light_pool.run(_rank_and_pid, 2)
-    with pytest.raises(RankError, match="deliberate failure on rank 0"):
+    with pytest.raises(RankError, match=r"deliberate failure on rank [01]"):  # first to report
         light_pool.run(_fail_on_every_rank, 2, timeout=60)
     assert light_pool.run(_rank_and_pid, 2) == before
