@@ -153,7 +153,9 @@ def copy_side_files(source: Path, target: Path) -> list[str]:
     return copied
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (best effort: not every filesystem
+    lets a directory be opened)."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -178,7 +180,7 @@ def atomic_output_dir(target: str | os.PathLike, *, force: bool = False) -> Iter
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
             os.replace(target, old)
@@ -189,7 +191,7 @@ def atomic_output_dir(target: str | os.PathLike, *, force: bool = False) -> Iter
                 old.unlink()
         else:
             os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -161,7 +161,7 @@ def normalised_entropy(
     if config.entropy == "topk":
         nats = topk_entropy(global_topk_values(logits_2d, config.topk, tp_group))
     else:
-        logits_max = logits_2d.max(dim=-1).values.float()
+        logits_max = logits_2d.amax(dim=-1).float()
         _all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
         rows = logits_2d.size(0)
         sums = torch.empty(2, rows, dtype=torch.float32, device=logits_2d.device)

@@ -30,8 +30,8 @@ from megatron_eaft.convert.checkpoint import (
     RELEASE,
     TRACKER_FILE,
     MegatronCheckpointError,
-    _fsync_dir,
     checkpoint_dir,
+    fsync_dir,
     iteration_dir_name,
     load_checkpoint_into_model,
     write_model_metadata,
@@ -50,7 +50,7 @@ def _write_text_atomically(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def latest_iteration(root: str | os.PathLike | None) -> int | str | None:
@@ -226,7 +226,7 @@ def save_checkpoint(
     )
     torch.distributed.barrier()
     if rank == 0:
-        _fsync_dir(incomplete)
+        fsync_dir(incomplete)
         if final.exists():  # re-saving an iteration (a resumed run stopped at the same step)
             retired = root / f".{final.name}.old"
             shutil.rmtree(retired, ignore_errors=True)
@@ -235,7 +235,7 @@ def save_checkpoint(
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(incomplete, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         if not (root / MODEL_METADATA_FILE).is_file():
             write_model_metadata(root, model_description)
         _write_text_atomically(root / TRACKER_FILE, f"{iteration}\n")
