@@ -31,5 +31,7 @@ else
   uv=.tools/uv/bin/uv
 fi
 # The CPU test/demo environment: everything CI runs (the Megatron-Bridge adapter's tests
-# included), from the lock file, nothing newer.
-"$uv" sync --locked --extra dev --extra bridge --python "$python"
+# included), from the lock file, nothing newer. Bytecode is compiled once here: every rank,
+# worker and test process imports megatron, and where PYTHONDONTWRITEBYTECODE is set (as on
+# these machines) each import would otherwise compile it again (measured: ~19 s -> ~10 s).
+"$uv" sync --locked --extra dev --extra bridge --compile-bytecode --python "$python"
