@@ -19,14 +19,16 @@ GPU runs take Megatron's own code paths untouched.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 _PATCHED = False
+_TRAINING_PATCHED = False
 _DEVICE_MODE: TorchFunctionMode | None = None
 
 
@@ -172,6 +174,74 @@ def apply_cpu_patches() -> None:
     _DEVICE_MODE = _CudaToCpuMode()
     _DEVICE_MODE.__enter__()
     _PATCHED = True
+
+
+# ---- Megatron-LM's trainer: megatron.training.pretrain() ------------------------------------
+
+
+def apply_megatron_training_cpu_patches() -> None:
+    """Make Megatron-LM's ``pretrain()`` runnable on CPU (gloo). Idempotent; inert with CUDA.
+
+    On top of :func:`apply_cpu_patches`, three spots of ``megatron.training`` assume a GPU:
+    argument validation asks the GPU's architecture, ``initialize_megatron`` insists on CUDA
+    and builds model-parallel groups and RNG states only when it counts a CUDA device, and
+    ``pretrain`` warms up the fused kernels before the first step.
+    """
+    global _TRAINING_PATCHED
+    if _TRAINING_PATCHED or cuda_available():
+        return
+    apply_cpu_patches()
+    from megatron.training import arguments, training
+
+    # validate_args picks CUDA_DEVICE_MAX_CONNECTIONS and stream-priority rules by the GPU's
+    # compute capability; with no GPU to ask, answer "no architecture" (0). That keeps the
+    # pre-Blackwell rules, so TP/CP still want CUDA_DEVICE_MAX_CONNECTIONS=1 (a no-op on CPU).
+    arguments.get_device_arch_version = lambda: 0
+    training.initialize_megatron = _initialize_megatron_without_cuda(training.initialize_megatron)
+    # The warm-up compiles the torch.compile'd bias+SwiGLU and bias+dropout+add fusions for the
+    # GPU. On CPU that is an inductor C++ build (~7 s of CPU per rank with a cold compile cache)
+    # of kernels a CPU run switches off (--no-bias-swiglu-fusion, --no-bias-dropout-fusion).
+    training.set_jit_fusion_options = _skip_jit_warm_up
+    _TRAINING_PATCHED = True
+
+
+def _skip_jit_warm_up(tp_size: int | None = None) -> None:
+    pass
+
+
+def _initialize_megatron_without_cuda(
+    initialize_megatron: Callable[..., Any],
+) -> Callable[..., Any]:
+    """``initialize_megatron`` that runs its whole set-up (torch.distributed with the
+    ``--distributed-backend`` given, model-parallel groups from the flags, seeds) on CPU."""
+    if getattr(initialize_megatron, "_without_cuda", False):
+        return initialize_megatron
+
+    @functools.wraps(initialize_megatron)
+    def initialize(*args: Any, **kwargs: Any) -> Any:
+        from megatron.core import tensor_parallel
+
+        # Megatron's own switch for runs without CUDA; it only lifts the "requires CUDA" assert.
+        kwargs["allow_no_cuda"] = True
+        count_cuda_devices = torch.cuda.device_count
+        seed_cuda_rng = tensor_parallel.model_parallel_cuda_manual_seed
+        # It builds the model-parallel groups and seeds the RNG tracker only when it counts a
+        # CUDA device: count one for the duration, and seed the CPU tracker with the seed it
+        # computed (+100 per pipeline stage, +10 per DP rank with --data-parallel-random-init).
+        torch.cuda.device_count = lambda: 1  # type: ignore[assignment]
+        tensor_parallel.model_parallel_cuda_manual_seed = _seed_cpu_rng_tracker
+        try:
+            return initialize_megatron(*args, **kwargs)
+        finally:
+            torch.cuda.device_count = count_cuda_devices  # type: ignore[assignment]
+            tensor_parallel.model_parallel_cuda_manual_seed = seed_cuda_rng
+
+    initialize._without_cuda = True  # type: ignore[attr-defined]
+    return initialize
+
+
+def _seed_cpu_rng_tracker(seed: int, *args: Any, **kwargs: Any) -> None:
+    install_cpu_rng_tracker(seed)
 
 
 def install_cpu_rng_tracker(seed: int) -> None:

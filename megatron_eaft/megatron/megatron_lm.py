@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import inspect
 from collections.abc import Callable, Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from megatron_eaft.megatron import cpu_runtime
 from megatron_eaft.megatron.loss import (
     eaft_loss_func,
     install_eaft_loss,
@@ -451,6 +454,27 @@ def parse_megatron_args(
     return args
 
 
+def use_prebuilt_dataset_helpers() -> None:
+    """Let ``pretrain()`` use the dataset index helpers the megatron-core wheel ships.
+
+    ``pretrain()`` runs ``make`` in ``megatron/core/datasets`` on rank 0 to build
+    ``helpers_cpp`` and exits when make fails. The wheel ships ``helpers_cpp`` already built
+    but no Makefile, so make always fails there (GPU or not). Only in that case, with the
+    built module importable, is the build skipped; a source checkout still builds as usual.
+    """
+    from megatron.core.datasets import utils as dataset_utils
+
+    if (Path(dataset_utils.__file__).parent / "Makefile").exists():
+        return
+    if importlib.util.find_spec("megatron.core.datasets.helpers_cpp") is None:
+        return
+    dataset_utils.compile_helpers = _helpers_already_built
+
+
+def _helpers_already_built() -> None:
+    pass
+
+
 def launch_pretrain(
     train_valid_test_datasets_provider: Callable[..., Any],
     model_provider: Callable[..., Any] | None = None,
@@ -468,6 +492,11 @@ def launch_pretrain(
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
 
+    if not cpu_runtime.cuda_available():
+        # CPU runs (tests, CI, the demo) with --distributed-backend gloo; applied before any
+        # flag is validated, because validation already asks the GPU for its architecture.
+        cpu_runtime.apply_megatron_training_cpu_patches()
+    use_prebuilt_dataset_helpers()
     parameters = inspect.signature(pretrain).parameters
     common = {
         "train_valid_test_dataset_provider": train_valid_test_datasets_provider,
