@@ -9,6 +9,13 @@ forward step whose loss is the EAFT-weighted cross-entropy. Datasets are Megatro
 
 On Megatron-Core 0.19+ the model is built from the flags (``GPTModelConfig``); on 0.18, put
 Megatron-LM's checkout on PYTHONPATH so ``model_provider`` / ``gpt_builders`` import.
+
+Without a GPU (tests, CI) the same entry trains on CPU ranks: add ``--distributed-backend gloo
+--transformer-impl local --no-gradient-accumulation-fusion --no-bias-swiglu-fusion
+--no-bias-dropout-fusion --no-masked-softmax-fusion --no-rope-fusion --num-workers 0`` and
+export ``CUDA_DEVICE_MAX_CONNECTIONS=1`` for TP > 1; ``launch_pretrain`` applies the CPU
+workarounds of ``megatron_eaft.megatron.cpu_runtime`` itself. A complete tiny command line
+(TP=2, mock data) is in tests/adapters/test_megatron_lm_pretrain.py.
 """
 
 from __future__ import annotations
