@@ -92,3 +92,43 @@ def mean_token_loss(
         total += float(losses)
         count += int((targets != -100).sum())
     return total / count if count else float("nan")
+
+
+def answer_loss(model: Any, tokenizer: Any, qa: Sequence[QA], batch_size: int = 32) -> float:
+    """Mean cross-entropy per answer token (the answer and its end-of-turn token), given the
+    question as a chat prompt: the same tokens prepare-data's loss mask trains on.
+
+    Exact match is all or nothing; this says how far a model is from the answers when it gets
+    none of them right, and it is measured the same way for the base model and the fine-tunes.
+    """
+    total, count = 0.0, 0
+    for start in range(0, len(qa), batch_size):
+        rows = []
+        for item in qa[start : start + batch_size]:
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": item.question}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            answer_ids = tokenizer(item.answer, add_special_tokens=False)["input_ids"]
+            rows.append((prompt_ids, [*answer_ids, tokenizer.eos_token_id]))
+        width = max(len(p) + len(a) for p, a in rows)
+        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, (prompt_ids, answer_ids) in enumerate(rows):
+            ids = prompt_ids + answer_ids
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+            labels[row, len(prompt_ids) : len(ids)] = torch.tensor(answer_ids)
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        targets = labels[:, 1:]
+        total += float(
+            torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
+            )
+        )
+        count += int((targets != -100).sum())
+    return total / count if count else float("nan")

@@ -451,12 +451,23 @@ def _export(paths, kinds, timer, report, log) -> None:
 
 def _evaluate(settings, paths, kinds, timer, report, log) -> None:
     from megatron_eaft.demo.data import domain_qa, general_questions, read_general
-    from megatron_eaft.demo.evaluate import accuracy, generate_answers, load_model, mean_token_loss
+    from megatron_eaft.demo.evaluate import (
+        accuracy,
+        answer_loss,
+        generate_answers,
+        load_model,
+        mean_token_loss,
+    )
 
     general_qa = general_questions()[: settings.general_eval_questions]
     domain = domain_qa("eval")
     step = max(1, len(domain) // settings.domain_eval_questions)
     domain_eval = domain[::step][: settings.domain_eval_questions]
+    # As many questions from the SFT set itself: memorising it and generalising from it differ.
+    seen = domain_qa("train")
+    seen_eval = seen[:: max(1, len(seen) // settings.domain_eval_questions)][
+        : settings.domain_eval_questions
+    ]
     general_docs = read_general(paths["data"] / "general.jsonl")[:200]
     sample_questions = [domain_eval[0].question, general_qa[0].question]
     results: dict[str, Any] = {}
@@ -464,9 +475,12 @@ def _evaluate(settings, paths, kinds, timer, report, log) -> None:
         for label in ["base", *kinds]:
             model, tokenizer = load_model(paths[f"{label}_hf"])
             domain_accuracy, _ = accuracy(model, tokenizer, domain_eval)
+            seen_accuracy, _ = accuracy(model, tokenizer, seen_eval)
             general_accuracy, _ = accuracy(model, tokenizer, general_qa)
             results[label] = {
                 "domain_accuracy": domain_accuracy,
+                "seen_domain_accuracy": seen_accuracy,
+                "domain_loss": answer_loss(model, tokenizer, domain),
                 "general_accuracy": general_accuracy,
                 "general_loss": mean_token_loss(model, tokenizer, general_docs),
                 "samples": dict(
@@ -479,11 +493,14 @@ def _evaluate(settings, paths, kinds, timer, report, log) -> None:
             }
             log(
                 f"   {label:>4}: held-out conversions {100 * domain_accuracy:5.1f}% exact, "
-                f"general questions {100 * general_accuracy:5.1f}%, general-text loss "
+                f"seen {100 * seen_accuracy:5.1f}% "
+                f"(answer loss {results[label]['domain_loss']:.3f}), general questions "
+                f"{100 * general_accuracy:5.1f}%, general-text loss "
                 f"{results[label]['general_loss']:.3f}"
             )
     report["evaluation"] = {
         "domain_questions": len(domain_eval),
+        "domain_loss_questions": len(domain),
         "general_questions": len(general_qa),
         "general_documents": len(general_docs),
         "models": results,

@@ -89,16 +89,19 @@ def format_report(report: dict[str, Any]) -> str:
     if evaluation:
         lines += [
             "",
-            f"evaluation with transformers after `convert export` (greedy; "
-            f"{evaluation['domain_questions']} held-out conversions, "
-            f"{evaluation['general_questions']} general questions, general-text loss on "
-            f"{evaluation['general_documents']} documents):",
-            "  model | conversions exact | general questions exact | general-text loss",
+            f"evaluation with transformers after `convert export` (greedy exact match on "
+            f"{evaluation['domain_questions']} held-out and {evaluation['domain_questions']} seen "
+            f"conversions and {evaluation['general_questions']} general questions; loss per "
+            f"answer token on all {evaluation['domain_loss_questions']} held-out conversions; "
+            f"general-text loss on {evaluation['general_documents']} documents):",
+            "  model | held-out conv. | held-out answer loss | seen conv. | general questions"
+            " | general-text loss",
         ]
         for label, result in evaluation["models"].items():
             lines.append(
-                f"  {label:>5} | {100 * result['domain_accuracy']:16.1f}% | "
-                f"{100 * result['general_accuracy']:22.1f}% | {result['general_loss']:17.3f}"
+                f"  {label:>5} | {100 * result['domain_accuracy']:13.1f}% | "
+                f"{result['domain_loss']:20.3f} | {100 * result['seen_domain_accuracy']:9.1f}% | "
+                f"{100 * result['general_accuracy']:16.1f}% | {result['general_loss']:17.3f}"
             )
         models = evaluation["models"]
         questions = list(next(iter(models.values()))["samples"])

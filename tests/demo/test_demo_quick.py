@@ -96,7 +96,8 @@ def test_exported_models_load_and_differ_by_loss(quick_demo):
     assert set(models) == {"base", "eaft", "sft"}
     for result in models.values():
         assert 0.0 <= result["domain_accuracy"] <= 1.0
-        assert math.isfinite(result["general_loss"])
+        assert 0.0 <= result["seen_domain_accuracy"] <= 1.0
+        assert math.isfinite(result["general_loss"]) and math.isfinite(result["domain_loss"])
         assert all(isinstance(answer, str) for answer in result["samples"].values())
 
 
