@@ -20,6 +20,7 @@ workarounds of ``megatron_eaft.megatron.cpu_runtime`` itself. A complete tiny co
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 from megatron.core import parallel_state
@@ -36,21 +37,30 @@ from megatron_eaft.megatron.megatron_lm import forward_step, launch_pretrain
 def dataset_config_from_args(args) -> GPTDatasetConfig:
     """The GPTDatasetConfig pretrain_gpt.py builds, for the fields this entry point uses."""
     blend, blend_per_split = get_blend_and_blend_per_split(args)
-    return GPTDatasetConfig(
-        random_seed=args.seed,
-        sequence_length=args.seq_length,
-        blend=blend,
-        blend_per_split=blend_per_split,
-        split=args.split,
-        num_dataset_builder_threads=args.num_dataset_builder_threads,
-        path_to_cache=args.data_cache_path,
-        mmap_bin_files=args.mmap_bin_files,
-        tokenizer=build_tokenizer(args),
-        reset_position_ids=args.reset_position_ids,
-        reset_attention_mask=args.reset_attention_mask,
-        eod_mask_loss=args.eod_mask_loss,
-        create_attention_mask=args.create_attention_mask_in_dataloader,
-    )
+    values = {
+        "random_seed": args.seed,
+        "sequence_length": args.seq_length,
+        "blend": blend,
+        "blend_per_split": blend_per_split,
+        "split": args.split,
+        "num_dataset_builder_threads": args.num_dataset_builder_threads,
+        "path_to_cache": args.data_cache_path,
+        "mmap_bin_files": args.mmap_bin_files,
+        "tokenizer": build_tokenizer(args),
+        "reset_position_ids": args.reset_position_ids,
+        "reset_attention_mask": args.reset_attention_mask,
+        "eod_mask_loss": args.eod_mask_loss,
+        "create_attention_mask": args.create_attention_mask_in_dataloader,
+        # SFTDataset pads each packed row to a multiple of what CP (and SP) split it into;
+        # it reads these sizes from the config, which has no usable default for them.
+        "context_parallel_size": args.context_parallel_size,
+        "data_parallel_size": args.data_parallel_size,
+        "sequence_parallel_size": args.tensor_model_parallel_size * args.sequence_parallel,
+        "hybrid_context_parallel": getattr(args, "hybrid_context_parallel", False),
+    }
+    # Core versions differ in which of these fields GPTDatasetConfig has.
+    known = {field.name for field in dataclasses.fields(GPTDatasetConfig) if field.init}
+    return GPTDatasetConfig(**{key: value for key, value in values.items() if key in known})
 
 
 def is_dataset_built_on_rank(vp_stage=None, packed: bool = False) -> bool:

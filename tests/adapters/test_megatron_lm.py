@@ -292,3 +292,37 @@ def _bad_flag_stops_the_launch(argv: list[str]) -> str:
 def test_launch_pretrain_rejects_inconsistent_eaft_flags_before_pretrain(dist):
     argv = [*TINY_ARGV, "--micro-batch-size", "2", "--eaft-norm", "lnv"]
     assert "--eaft-norm='lnv' is invalid" in dist.run(_bad_flag_stops_the_launch, 1, argv)[0]
+
+
+def _example_dataset_config(argv: list[str]) -> dict:
+    """The example's GPTDatasetConfig for Megatron-LM args parsed from ``argv``."""
+    import importlib.util
+    from pathlib import Path
+
+    from megatron_eaft.megatron import cpu_runtime
+
+    cpu_runtime.initialize_parallel(tp=torch.distributed.get_world_size())
+    path = Path(__file__).resolve().parents[2] / "examples/megatron_lm/pretrain_gpt_eaft.py"
+    spec = importlib.util.spec_from_file_location("pretrain_gpt_eaft", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    with megatron_lm_globals(argv) as args:
+        config = example.dataset_config_from_args(args)
+        return {
+            "context_parallel_size": config.context_parallel_size,
+            "sequence_parallel_size": config.sequence_parallel_size,
+            "data_parallel_size": config.data_parallel_size,
+            "sequence_length": config.sequence_length,
+            "args_sequence_parallel": args.sequence_parallel,
+        }
+
+
+def test_example_dataset_config_carries_the_parallel_sizes_sft_packing_reads(dist):
+    # SFTDataset pads packed rows by config.context_parallel_size; left unset (None) the
+    # first --sft batch failed with "'>' not supported between NoneType and int".
+    argv = [*TINY_ARGV, "--micro-batch-size", "1", "--tensor-model-parallel-size", "2", "--sft"]
+    for result in dist.run(_example_dataset_config, 2, argv):
+        assert result["context_parallel_size"] == 1
+        assert result["data_parallel_size"] == 1
+        assert result["sequence_parallel_size"] == (2 if result["args_sequence_parallel"] else 0)
+        assert result["sequence_length"] == tiny_gpt.SEQ
