@@ -6,7 +6,9 @@
 # The model flags below are Qwen3-4B's; the checkpoint is a torch_dist one, e.g. from
 # `megatron-eaft convert import --hf /models/Qwen3-4B --out /ckpt/qwen3-4b-megatron`.
 # SFT_JSONL: one {"messages": [...]} conversation per line, read by Megatron's SFTDataset
-# and its SFTTokenizer with the HF chat template (prompt format "default").
+# and its SFTTokenizer with the HF chat template (prompt format "default"). With that format
+# Megatron-LM (0.19) keeps every token in the loss, system and user turns included; for a loss
+# on assistant tokens only, use `megatron-eaft prepare-data` + `megatron-eaft finetune`.
 # One node of 8 GPUs via torchrun; under SLURM see examples/slurm/.
 set -euo pipefail
 
