@@ -97,7 +97,7 @@ def launch(config: dict, out: Path) -> list[subprocess.Popen]:
     return processes
 
 
-def wait_for(condition, processes, timeout: float, what: str, poll: float = 0.002) -> None:
+def wait_for(condition, processes, timeout: float, what: str, poll: float = 0.02) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if any(p.poll() is not None for p in processes):
