@@ -45,7 +45,10 @@ class DemoSettings:
     pretrain: PretrainSettings = dataclasses.field(default_factory=PretrainSettings)
     seq_length: int = 128
     tensor_parallel: int = 2
-    iterations: int = 60
+    # From a grid (lr 1e-4/3e-4/1e-3 x 30/60/200 iterations, both losses, one seed), chosen as
+    # the cell where plain SFT gets the most held-out conversions right: below 200 iterations
+    # no model learned any conversion, not even the ones it trained on.
+    iterations: int = 200
     global_batch_size: int = 16
     micro_batch_size: int = 4
     lr: float = 1e-3
@@ -480,7 +483,7 @@ def _evaluate(settings, paths, kinds, timer, report, log) -> None:
             results[label] = {
                 "domain_accuracy": domain_accuracy,
                 "seen_domain_accuracy": seen_accuracy,
-                "domain_loss": answer_loss(model, tokenizer, domain),
+                "domain_loss": answer_loss(model, tokenizer, domain_eval),
                 "general_accuracy": general_accuracy,
                 "general_loss": mean_token_loss(model, tokenizer, general_docs),
                 "samples": dict(
@@ -500,7 +503,6 @@ def _evaluate(settings, paths, kinds, timer, report, log) -> None:
             )
     report["evaluation"] = {
         "domain_questions": len(domain_eval),
-        "domain_loss_questions": len(domain),
         "general_questions": len(general_qa),
         "general_documents": len(general_docs),
         "models": results,

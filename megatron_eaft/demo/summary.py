@@ -92,8 +92,8 @@ def format_report(report: dict[str, Any]) -> str:
             f"evaluation with transformers after `convert export` (greedy exact match on "
             f"{evaluation['domain_questions']} held-out and {evaluation['domain_questions']} seen "
             f"conversions and {evaluation['general_questions']} general questions; loss per "
-            f"answer token on all {evaluation['domain_loss_questions']} held-out conversions; "
-            f"general-text loss on {evaluation['general_documents']} documents):",
+            f"answer token on the held-out conversions; general-text loss on "
+            f"{evaluation['general_documents']} documents):",
             "  model | held-out conv. | held-out answer loss | seen conv. | general questions"
             " | general-text loss",
         ]
