@@ -113,3 +113,25 @@ def test_ranks_that_raise_cleanly_are_kept(light_pool):
     with pytest.raises(RankError, match=r"deliberate failure on rank [01]"):  # first to report
         light_pool.run(_fail_on_every_rank, 2, timeout=60)
     assert light_pool.run(_rank_and_pid, 2) == before
+
+
+_KEPT_THREADS: list = []
+
+
+def _leave_threads_behind(count: int) -> None:
+    """What a job leaking process groups does to its worker: threads that outlive the job."""
+    import threading
+
+    stop = threading.Event()
+    for _ in range(count):
+        thread = threading.Thread(target=stop.wait, daemon=True)
+        thread.start()
+        _KEPT_THREADS.append(thread)
+
+
+def test_a_worker_left_with_too_many_threads_is_replaced_after_its_job(light_pool):
+    before = light_pool.run(_rank_and_pid, 2)
+    light_pool.run(_leave_threads_behind, 1, launcher.RETIRE_ABOVE_THREADS)
+    after = light_pool.run(_rank_and_pid, 2)
+    assert after[0][1] != before[0][1], "rank 0's worker kept its leaked threads"
+    assert after[1][1] == before[1][1], "rank 1's worker was healthy and should be kept"
