@@ -214,8 +214,6 @@ def _initialize_megatron_without_cuda(
 ) -> Callable[..., Any]:
     """``initialize_megatron`` that runs its whole set-up (torch.distributed with the
     ``--distributed-backend`` given, model-parallel groups from the flags, seeds) on CPU."""
-    if getattr(initialize_megatron, "_without_cuda", False):
-        return initialize_megatron
 
     @functools.wraps(initialize_megatron)
     def initialize(*args: Any, **kwargs: Any) -> Any:
@@ -236,7 +234,6 @@ def _initialize_megatron_without_cuda(
             torch.cuda.device_count = count_cuda_devices  # type: ignore[assignment]
             tensor_parallel.model_parallel_cuda_manual_seed = seed_cuda_rng
 
-    initialize._without_cuda = True  # type: ignore[attr-defined]
     return initialize
 
 

@@ -492,10 +492,9 @@ def launch_pretrain(
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
 
-    if not cpu_runtime.cuda_available():
-        # CPU runs (tests, CI, the demo) with --distributed-backend gloo; applied before any
-        # flag is validated, because validation already asks the GPU for its architecture.
-        cpu_runtime.apply_megatron_training_cpu_patches()
+    # CPU runs (tests, CI) with --distributed-backend gloo; inert with CUDA. Applied before any
+    # flag is validated, because validation already asks the GPU for its architecture.
+    cpu_runtime.apply_megatron_training_cpu_patches()
     use_prebuilt_dataset_helpers()
     parameters = inspect.signature(pretrain).parameters
     common = {
