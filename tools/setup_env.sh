@@ -30,8 +30,9 @@ else
   fi
   uv=.tools/uv/bin/uv
 fi
-# The CPU test/demo environment: everything CI runs (the Megatron-Bridge adapter's tests
-# included), from the lock file, nothing newer. Bytecode is compiled once here: every rank,
-# worker and test process imports megatron, and where PYTHONDONTWRITEBYTECODE is set (as on
-# these machines) each import would otherwise compile it again (measured: ~19 s -> ~10 s).
-"$uv" sync --locked --extra dev --extra bridge --compile-bytecode --python "$python"
+# The CPU test/demo environment: everything CI runs (the Megatron-Bridge adapter's tests,
+# and lm-evaluation-harness and wandb for the evaluate and W&B tests), from the lock file,
+# nothing newer. Bytecode is compiled once here: every rank, worker and test process imports
+# megatron, and where PYTHONDONTWRITEBYTECODE is set (as on these machines) each import would
+# otherwise compile it again (measured: ~19 s -> ~10 s).
+"$uv" sync --locked --extra dev --extra bridge --extra eval --extra wandb --compile-bytecode --python "$python"
