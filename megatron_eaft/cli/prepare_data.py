@@ -1,4 +1,4 @@
-"""`megatron-eaft prepare-data`: chat / prompt-response JSONL -> packed SFT dataset."""
+"""`megatron-eaft prepare-data`: chat / prompt-response / plain-text JSONL -> packed dataset."""
 
 from __future__ import annotations
 
@@ -30,7 +30,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Tokenise chat JSONL ({'messages': [...], 'tools': [...]}) or prompt/response JSONL "
             "with the model's HF tokenizer and chat template, mask the loss to assistant tokens, "
             "pack into rows of --seq-length and write Megatron-Core indexed datasets "
-            "(OUTPUT/tokens.bin/.idx, OUTPUT/loss_mask.bin/.idx, OUTPUT/metadata.json)."
+            "(OUTPUT/tokens.bin/.idx, OUTPUT/loss_mask.bin/.idx, OUTPUT/metadata.json). "
+            "Plain-text JSONL ({'text': ...}, e.g. a general-ability evaluation set) is "
+            "tokenised without a template, with an end-of-text token, and has loss on every "
+            "token. One dataset holds chats or plain text, not both."
         ),
     )
     parser.add_argument("--input", nargs="+", type=Path, required=True, help="JSONL file(s)")
@@ -39,7 +42,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--output", type=Path, required=True, help="output directory")
     parser.add_argument("--seq-length", type=int, required=True, help="positions per training row")
-    parser.add_argument("--format", choices=INPUT_FORMATS, default="auto", dest="input_format")
+    parser.add_argument(
+        "--format",
+        choices=INPUT_FORMATS,
+        default="auto",
+        dest="input_format",
+        help="record format; auto (default) detects it per line from the keys "
+        "(messages / prompt+response / text)",
+    )
     parser.add_argument(
         "--loss-on",
         choices=LOSS_ON_CHOICES,

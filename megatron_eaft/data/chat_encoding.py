@@ -20,6 +20,9 @@ Two ways to find those tokens:
 
 Either way every span is checked to contain the end of the message's text, so a template that
 defeats both methods is reported instead of silently training on the wrong tokens.
+
+Plain-text records (:class:`TextEncoder`) need no template: the text's tokens, the tokenizer's
+own special tokens (a BOS where it adds one) and an end-of-text token, all with loss.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from megatron_eaft.data.records import Conversation, RecordError
+from megatron_eaft.data.records import Conversation, PlainText, RecordError
 
 LossOn = Literal["all", "last"]
 LOSS_ON_CHOICES: tuple[str, ...] = ("all", "last")
@@ -48,7 +51,8 @@ _CONTENT_CHECK_CHARS = 16
 @dataclass(frozen=True)
 class EncodedChat:
     token_ids: np.ndarray  # int64 [n]
-    assistant_mask: np.ndarray  # uint8 [n]: 1 on tokens of the selected assistant turns
+    # uint8 [n]: 1 on tokens of the selected assistant turns (on every token of plain text)
+    assistant_mask: np.ndarray
 
 
 def common_prefix_length(a: str, b: str) -> int:
@@ -240,6 +244,24 @@ class ChatEncoder:
         return content_end_in_full + common_prefix_length(
             turn_terminator, full[content_end_in_full:]
         )
+
+
+class TextEncoder:
+    """Plain text -> its tokens, with the end-of-text (eos) token appended as in pre-training
+    data, and loss on all of them."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def encode(self, document: PlainText) -> EncodedChat:
+        token_ids = list(self.tokenizer(document.text, add_special_tokens=True)["input_ids"])
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and (not token_ids or token_ids[-1] != eos):
+            token_ids.append(eos)
+        if not token_ids:
+            raise RecordError("the text has no tokens")
+        ids = np.asarray(token_ids, dtype=np.int64)
+        return EncodedChat(token_ids=ids, assistant_mask=np.ones(len(ids), dtype=np.uint8))
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Any:

@@ -1,4 +1,4 @@
-"""JSONL chats -> a packed, loss-masked SFT dataset in Megatron-Core's indexed format.
+"""JSONL chats (or plain text) -> a packed, loss-masked SFT dataset in Megatron-Core's format.
 
 Three passes, so memory stays flat whatever the dataset size:
 
@@ -26,7 +26,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megatron_eaft.data.chat_encoding import ChatEncoder, LossOn, load_tokenizer
+from megatron_eaft.data.chat_encoding import (
+    ChatEncoder,
+    EncodedChat,
+    LossOn,
+    TextEncoder,
+    load_tokenizer,
+)
 from megatron_eaft.data.layout import (
     LOSS_MASK_PREFIX,
     TOKENS_PREFIX,
@@ -37,7 +43,10 @@ from megatron_eaft.data.packing import PackingMode, pack
 from megatron_eaft.data.records import (
     DataFileError,
     InputFormat,
+    PlainText,
+    Record,
     RecordError,
+    RecordKind,
     count_lines,
     iter_lines,
     parse_record,
@@ -79,6 +88,7 @@ class PrepareSummary:
     positions: int = 0  # row positions they fill (one fewer per sample: the shift)
     loss_tokens: int = 0  # positions whose label is an assistant token
     padding: int = 0  # row positions left empty
+    record_kind: RecordKind | None = None  # chat or text: the kind of every record
     bad_line_examples: list[str] = field(default_factory=list)
 
     @property
@@ -97,11 +107,15 @@ class PrepareSummary:
             "padding_fraction": self.padding_fraction,
         }
 
+    def loss_on(self, config: PrepareConfig) -> str:
+        if self.record_kind == "text":
+            return "every token (plain text)"
+        return f"{config.loss_on} assistant turns"
+
     def format(self, config: PrepareConfig) -> str:
         lines = [
             f"{self.lines} lines -> {self.samples} samples in {self.rows} rows of "
-            f"{config.seq_length} ({config.packing} packing, loss on {config.loss_on} "
-            "assistant turns)",
+            f"{config.seq_length} ({config.packing} packing, loss on {self.loss_on(config)})",
             f"tokens: {self.tokens:,}; trained on {self.loss_tokens:,} "
             f"({100 * self.loss_fraction:.1f}% of filled positions); "
             f"padding {100 * self.padding_fraction:.1f}% of row positions",
@@ -122,45 +136,79 @@ class PrepareSummary:
 
 # --- tokenisation (runs in the main process or in pool workers) ------------------------------
 
-_worker_encoder: ChatEncoder | None = None
+
+class RecordEncoder:
+    """Chats through the chat template (:class:`ChatEncoder`), plain text without it.
+
+    The chat encoder is built up front, so a bad tokenizer or template fails before any data;
+    with ``--format text`` it is not needed, and with ``auto`` a tokenizer without a chat
+    template fails only on the first chat record.
+    """
+
+    def __init__(self, config: PrepareConfig) -> None:
+        self.tokenizer = load_tokenizer(config.tokenizer)
+        self.text = TextEncoder(self.tokenizer)
+        self.chat: ChatEncoder | None = None
+        self.chat_unavailable = ""
+        if config.input_format == "text":
+            return
+        template = None
+        if config.chat_template_file is not None:
+            template = Path(config.chat_template_file).read_text(encoding="utf-8")
+        try:
+            self.chat = ChatEncoder(
+                self.tokenizer,
+                loss_on=config.loss_on,
+                chat_template=template,
+                template_kwargs=config.template_kwargs,
+            )
+        except ValueError as error:
+            if config.input_format != "auto":
+                raise
+            self.chat_unavailable = str(error)
+
+    def encode(self, record: Record) -> EncodedChat:
+        if isinstance(record, PlainText):
+            return self.text.encode(record)
+        if self.chat is None:
+            raise RecordError(f"a chat record, but {self.chat_unavailable}")
+        return self.chat.encode(record)
+
+
+_worker_encoder: RecordEncoder | None = None
 _worker_input_format: InputFormat = "auto"
-
-
-def _make_encoder(config: PrepareConfig) -> ChatEncoder:
-    template = None
-    if config.chat_template_file is not None:
-        template = Path(config.chat_template_file).read_text(encoding="utf-8")
-    return ChatEncoder(
-        load_tokenizer(config.tokenizer),
-        loss_on=config.loss_on,
-        chat_template=template,
-        template_kwargs=config.template_kwargs,
-    )
+KIND_NAMES = {"chat": "chat", "text": "plain-text"}
 
 
 def _init_worker(config: PrepareConfig) -> None:
     global _worker_encoder, _worker_input_format
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_encoder = _make_encoder(config)
+    _worker_encoder = RecordEncoder(config)
     _worker_input_format = config.input_format
 
 
-def _encode_line(
-    item: tuple[Path, int, bytes],
-) -> tuple[Path, int, np.ndarray | None, np.ndarray | str]:
-    """(path, line, token ids, mask) or (path, line, None, reason) for a bad line."""
+# (path, line, token ids, mask, kind), or (path, line, None, reason, kind) for a bad line whose
+# kind is None when the line is no record at all.
+EncodedLine = tuple[Path, int, np.ndarray | None, np.ndarray | str, RecordKind | None]
+
+
+def _encode_line(item: tuple[Path, int, bytes]) -> EncodedLine:
     path, line_number, line = item
     assert _worker_encoder is not None
     try:
-        encoded = _worker_encoder.encode(parse_record(line, _worker_input_format))
+        record = parse_record(line, _worker_input_format)
     except RecordError as error:
-        return path, line_number, None, str(error)
-    return path, line_number, encoded.token_ids, encoded.assistant_mask
+        return path, line_number, None, str(error), None
+    try:
+        encoded = _worker_encoder.encode(record)
+    except RecordError as error:
+        return path, line_number, None, str(error), record.kind
+    return path, line_number, encoded.token_ids, encoded.assistant_mask, record.kind
 
 
 def _encoded_lines(
-    config: PrepareConfig, encoder: ChatEncoder, lines: Iterable[tuple[Path, int, bytes]]
-) -> Iterator[tuple[Path, int, np.ndarray | None, np.ndarray | str]]:
+    config: PrepareConfig, encoder: RecordEncoder, lines: Iterable[tuple[Path, int, bytes]]
+) -> Iterator[EncodedLine]:
     global _worker_encoder, _worker_input_format
     if config.workers <= 1:
         _worker_encoder, _worker_input_format = encoder, config.input_format
@@ -177,7 +225,7 @@ def _encoded_lines(
 
 def _tokenise_to_staging(
     config: PrepareConfig,
-    encoder: ChatEncoder,
+    encoder: RecordEncoder,
     staging_prefix: Path,
     dtype: type[np.number],
     summary: PrepareSummary,
@@ -189,10 +237,23 @@ def _tokenise_to_staging(
     mask_builder = IndexedDatasetBuilder(f"{staging_prefix}.{LOSS_MASK_PREFIX}.bin", np.uint8)
     total = count_lines(config.inputs) if config.progress else None
     lines = iter_lines(config.inputs)
+    first_record: tuple[Path, int] | None = None
     with tqdm(total=total, unit=" lines", desc="tokenising", disable=not config.progress) as bar:
-        for path, line_number, token_ids, mask in _encoded_lines(config, encoder, lines):
+        for path, line_number, token_ids, mask, kind in _encoded_lines(config, encoder, lines):
             bar.update()
             summary.lines += 1
+            if kind is not None and first_record is None:
+                first_record, summary.record_kind = (path, line_number), kind
+            elif kind is not None and kind != summary.record_kind:
+                # A dataset-wide mistake, not a bad line: --skip-bad does not skip it.
+                raise DataFileError(
+                    path,
+                    line_number,
+                    f"a {KIND_NAMES[kind]} record in a dataset of {KIND_NAMES[summary.record_kind]}"
+                    f" records (the first: {first_record[0]}:{first_record[1]}); chats are "
+                    "trained on the assistant's tokens, plain text on every token: prepare them "
+                    "as separate datasets",
+                )
             if token_ids is None:
                 assert isinstance(mask, str)
                 if not config.skip_bad:
@@ -284,7 +345,7 @@ def prepare_dataset(config: PrepareConfig) -> PrepareSummary:
     output = Path(config.output).absolute()
     if output.exists() and not config.overwrite:
         raise FileExistsError(f"{output} exists (pass --overwrite to replace it)")
-    encoder = _make_encoder(config)  # fails on a bad tokenizer or template before any data
+    encoder = RecordEncoder(config)  # fails on a bad tokenizer or template before any data
     tokenizer = encoder.tokenizer
     vocab_size = len(tokenizer)
     dtype = token_dtype(vocab_size)
@@ -313,7 +374,8 @@ def prepare_dataset(config: PrepareConfig) -> PrepareSummary:
             {
                 "seq_length": config.seq_length,
                 "packing": config.packing,
-                "loss_on": config.loss_on,
+                "loss_on": "all tokens" if summary.record_kind == "text" else config.loss_on,
+                "record_kind": summary.record_kind,
                 "label_shift": "per-sample: tokens = sample[:-1], labels = sample[1:], "
                 "loss_mask = mask[1:]",
                 "tokenizer": str(Path(config.tokenizer).absolute()),
@@ -322,7 +384,9 @@ def prepare_dataset(config: PrepareConfig) -> PrepareSummary:
                 "token_dtype": np.dtype(dtype).name,
                 "pad_token_id": pad_token_id,
                 "eos_token_id": eos_token_id,
-                "chat_template": str(config.chat_template_file or "tokenizer"),
+                "chat_template": None
+                if summary.record_kind == "text"
+                else str(config.chat_template_file or "tokenizer"),
                 "chat_template_kwargs": config.template_kwargs,
                 "inputs": [str(Path(path).absolute()) for path in config.inputs],
                 "input_format": config.input_format,

@@ -1,12 +1,17 @@
-"""JSONL records -> conversations: format detection and validation.
+"""JSONL records -> conversations or plain text: format detection and validation.
 
-Two input formats, detected per line unless forced:
+Three input formats, detected per line unless forced:
 
 * chat: ``{"messages": [{"role": ..., "content": ...}, ...], "tools": [...]?}`` (the Hugging
   Face chat format; extra message keys such as ``tool_calls``, ``name``, ``tool_call_id`` or
   ``reasoning_content`` are passed to the chat template untouched);
 * prompt-response: ``{"prompt": ..., "response": ..., "system": ...?}``, turned into a
-  one-turn chat so that both go through the model's chat template.
+  one-turn chat so that both go through the model's chat template;
+* plain text: ``{"text": ...}`` (pre-training style documents, e.g. a general-ability
+  evaluation set), trained or scored on every token.
+
+Chats (either chat format) and plain text are different kinds of sample (loss on the
+assistant's tokens vs on all of them); one dataset holds one kind.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-InputFormat = Literal["auto", "chat", "prompt-response"]
-INPUT_FORMATS: tuple[str, ...] = ("auto", "chat", "prompt-response")
+InputFormat = Literal["auto", "chat", "prompt-response", "text"]
+INPUT_FORMATS: tuple[str, ...] = ("auto", "chat", "prompt-response", "text")
+RecordKind = Literal["chat", "text"]
 
 
 class RecordError(ValueError):
@@ -41,6 +47,20 @@ class Conversation:
     tools: list[dict[str, Any]] | None = None
     # Chat-template variables given per record (e.g. a per-sample "enable_thinking").
     template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    kind: ClassVar[RecordKind] = "chat"
+
+
+@dataclass
+class PlainText:
+    """A document scored on every token (no chat template)."""
+
+    text: str
+
+    kind: ClassVar[RecordKind] = "text"
+
+
+Record = Conversation | PlainText
 
 
 def _require_string(record: dict[str, Any], key: str) -> str:
@@ -91,8 +111,15 @@ def _parse_chat(record: dict[str, Any]) -> Conversation:
     return Conversation(messages=messages, tools=tools or None, template_kwargs=template_kwargs)
 
 
-def parse_record(line: str | bytes, input_format: InputFormat = "auto") -> Conversation:
-    """One JSONL line -> Conversation; raises RecordError saying what is wrong."""
+def _parse_text(record: dict[str, Any]) -> PlainText:
+    text = _require_string(record, "text")
+    if not text:
+        raise RecordError('"text" is empty')
+    return PlainText(text)
+
+
+def parse_record(line: str | bytes, input_format: InputFormat = "auto") -> Record:
+    """One JSONL line -> Conversation or PlainText; raises RecordError saying what is wrong."""
     if isinstance(line, bytes):
         try:
             line = line.decode("utf-8")
@@ -114,8 +141,12 @@ def parse_record(line: str | bytes, input_format: InputFormat = "auto") -> Conve
         if not is_prompt_response:
             raise RecordError(f'needs "prompt" and "response" keys (keys: {sorted(record)})')
         return _parse_prompt_response(record)
+    if input_format == "text" or (input_format == "auto" and "text" in record):
+        if "text" not in record:
+            raise RecordError(f'no "text" key (keys: {sorted(record)})')
+        return _parse_text(record)
     raise RecordError(
-        f'unknown record format: expected "messages" or "prompt"+"response" keys, '
+        f'unknown record format: expected "messages", "prompt"+"response" or "text" keys, '
         f"got {sorted(record)}"
     )
 

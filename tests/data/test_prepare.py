@@ -235,6 +235,49 @@ def test_worker_processes_give_identical_output(tmp_path, tokenizer_dir):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
+TEXTS = [{"text": " ".join(WORDS[i:] + WORDS[:i])} for i in range(6)]
+
+
+def test_plain_text_has_loss_on_every_token_without_a_chat_template(tmp_path, tokenizer):
+    # A tokenizer without a chat template: plain text does not need one.
+    bare = tmp_path / "bare_tokenizer"
+    tokenizer.save_pretrained(bare)
+    config_file = bare / "tokenizer_config.json"
+    settings = json.loads(config_file.read_text())
+    settings.pop("chat_template", None)
+    config_file.write_text(json.dumps(settings))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    data = write_jsonl(tmp_path / "general.jsonl", TEXTS)
+    config = config_for(tmp_path, bare, [data], seq_length=64, packing="greedy", shuffle_seed=None)
+    summary = prepare_dataset(config)
+    expected = [
+        (*tokenizer(record["text"])["input_ids"], tokenizer.eos_token_id) for record in TEXTS
+    ]
+    samples = unpack(SFTDataset(tmp_path / "out"))
+    assert [ids for ids, _ in samples] == expected
+    assert all(mask == (0,) + (1,) * (len(ids) - 1) for ids, mask in samples)
+    assert summary.loss_tokens == summary.positions and summary.record_kind == "text"
+    assert "loss on every token (plain text)" in summary.format(config)
+    metadata = SFTDataset(tmp_path / "out").metadata
+    assert metadata["record_kind"] == "text" and metadata["loss_on"] == "all tokens"
+    # ... while a chat record needs the template, and says so with its line.
+    chats = write_jsonl(tmp_path / "chats.jsonl", RECORDS[:1])
+    with pytest.raises(DataFileError, match=r"chats\.jsonl:1: a chat record, but .*chat template"):
+        prepare_dataset(config_for(tmp_path, bare, [chats], output=tmp_path / "chats_out"))
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_chats_and_plain_text_in_one_dataset_is_an_error(tmp_path, tokenizer_dir, skip_bad):
+    data = write_jsonl(tmp_path / "mixed.jsonl", [TEXTS[0], TEXTS[1], RECORDS[0], "not json"])
+    with pytest.raises(
+        DataFileError,
+        match=r"mixed\.jsonl:3: a chat record in a dataset of plain-text records "
+        r"\(the first: .*mixed\.jsonl:1\)",
+    ):
+        prepare_dataset(config_for(tmp_path, tokenizer_dir, [data], skip_bad=skip_bad))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["mixed.jsonl"]
+
+
 def test_cli(tmp_path, tokenizer_dir, capsys):
     data = write_jsonl(tmp_path / "data.jsonl", RECORDS[:3])
     out = tmp_path / "cli_out"
@@ -250,3 +293,9 @@ def test_cli(tmp_path, tokenizer_dir, capsys):
     assert main([*arguments, "--output", str(tmp_path / "bad_out")]) == 1
     assert "bad.jsonl:2: invalid JSON" in capsys.readouterr().err
     assert not (tmp_path / "bad_out").exists()
+
+    # A forced --format text reads the text key of every line (extra keys are ignored).
+    texts = write_jsonl(tmp_path / "texts.jsonl", [{**TEXTS[0], "messages": "not a chat"}])
+    arguments[2] = str(texts)
+    assert main([*arguments, "--output", str(tmp_path / "text_out"), "--format", "text"]) == 0
+    assert "loss on every token (plain text)" in capsys.readouterr().out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_eaft.data.records import RecordError, parse_record
+from megatron_eaft.data.records import PlainText, RecordError, parse_record
 
 
 @pytest.mark.parametrize(
@@ -12,7 +12,9 @@ from megatron_eaft.data.records import RecordError, parse_record
     [
         ('{"messages": [', "invalid JSON"),
         ("[1, 2]", "expected a JSON object, got list"),
-        ('{"text": "hi"}', "unknown record format"),
+        ('{"body": "hi"}', "unknown record format"),
+        ('{"text": 3}', '"text" must be a string'),
+        ('{"text": ""}', '"text" is empty'),
         ('{"messages": []}', "non-empty list"),
         ('{"messages": ["hi"]}', r"messages\[0\] must be an object"),
         ('{"messages": [{"content": "hi"}]}', r'messages\[0\] has no "role"'),
@@ -38,6 +40,8 @@ def test_forced_format_names_the_missing_keys():
         parse_record('{"prompt": "a", "response": "b"}', "chat")
     with pytest.raises(RecordError, match='needs "prompt" and "response"'):
         parse_record('{"messages": []}', "prompt-response")
+    with pytest.raises(RecordError, match='no "text" key'):
+        parse_record('{"prompt": "a", "response": "b"}', "text")
 
 
 def test_detection_per_line():
@@ -48,3 +52,6 @@ def test_detection_per_line():
     prompt_response = parse_record('{"prompt": "a", "response": "b", "system": "s"}')
     assert [m["role"] for m in prompt_response.messages] == ["system", "user", "assistant"]
     assert prompt_response.messages[-1]["content"] == "b"
+    text = parse_record('{"text": "Paris is in France.", "source": "wiki"}')
+    assert text == PlainText("Paris is in France.") and text.kind == "text"
+    assert chat.kind == prompt_response.kind == "chat"
