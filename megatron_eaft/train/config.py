@@ -36,10 +36,13 @@ Schema (every key optional unless marked; defaults are the EAFT paper's fine-tun
       optimizer_sharding: dp_reshardable   # or fully_reshardable (resume at another TP/PP)
     eval:
       interval: N, iterations: 10
+      sets: {domain: DIR, general: DIR}   # named sets, next to (or instead of) data.eval_path
     logging:
       interval: 10
       tensorboard_dir: DIR
       metrics_file: FILE       # one JSON line per iteration (last rank)
+      wandb_project: NAME      # W&B run with TensorBoard's scalars (+ wandb_run_name,
+                               # wandb_entity, wandb_offline); the `wandb` extra
 
 Overrides are ``section.key=value`` strings whose value is parsed as YAML (``optimizer.lr=2e-5``,
 ``checkpoint.save=null``). Every error names the offending key.
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -279,28 +283,68 @@ class CheckpointSection:
         )
 
 
+# An evaluation set's name prefixes its metric keys (``eval/general/lm loss``): no slashes or
+# spaces, and not "eaft", whose keys (``eval/eaft/mean_entropy``) data.eval_path reports.
+EVAL_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+RESERVED_EVAL_SET_NAMES = ("eaft",)
+
+
 @dataclasses.dataclass
 class EvalSection:
-    """Plain cross-entropy on data.eval_path every `interval` iterations (null: never)."""
+    """Evaluation every `interval` iterations (null: never) on data.eval_path and eval.sets.
+
+    Each set reports plain cross-entropy (``lm loss``) and the EAFT statistics of its loss
+    tokens, under ``eval/`` (data.eval_path) or ``eval/NAME/`` (a set of eval.sets). A general
+    set (e.g. plain text, ``prepare-data --format text``) shows how much the model forgets.
+    """
 
     interval: int | None = None
     iterations: int = 10
+    sets: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(self.interval is None or self.interval >= 1, "eval.interval", "must be >= 1")
         _check(self.iterations >= 1, "eval.iterations", "must be >= 1")
+        for name in self.sets:
+            _check(
+                bool(EVAL_SET_NAME.fullmatch(name)) and name not in RESERVED_EVAL_SET_NAMES,
+                f"eval.sets.{name}",
+                "a set name is letters, digits, '_', '.' or '-' (it names the set's metrics), "
+                f"and not {', '.join(RESERVED_EVAL_SET_NAMES)}",
+            )
 
 
 @dataclasses.dataclass
 class LoggingSection:
-    """Console line and TensorBoard scalars every `interval` iterations (last rank)."""
+    """Console line every `interval` iterations; TensorBoard, JSONL and W&B every step (last rank).
+
+    wandb_project: a Weights & Biases run logging TensorBoard's scalar keys (at step =
+        iteration) and the configuration; wandb_offline writes it locally for `wandb sync`
+        (WANDB_MODE and WANDB_DIR apply as usual). Needs the `wandb` extra.
+    """
 
     interval: int = 10
     tensorboard_dir: str | None = None
     metrics_file: str | None = None
+    wandb_project: str | None = None
+    wandb_run_name: str | None = None
+    wandb_entity: str | None = None
+    wandb_offline: bool = False
 
     def __post_init__(self) -> None:
         _check(self.interval >= 1, "logging.interval", "must be >= 1")
+        for name in ("wandb_run_name", "wandb_entity", "wandb_offline"):
+            _check(
+                self.wandb_project is not None or not getattr(self, name),
+                f"logging.{name}",
+                "needs logging.wandb_project",
+            )
+        # Found here, before any process starts, not after the model is built.
+        _check(
+            self.wandb_project is None or importlib.util.find_spec("wandb") is not None,
+            "logging.wandb_project",
+            "needs the wandb package: pip install 'megatron-eaft[wandb]'",
+        )
 
 
 @dataclasses.dataclass
@@ -322,13 +366,18 @@ class FinetuneConfig:
             "needs data.path",
         )
         _check(
-            self.eval.interval is None or self.data.eval_path is not None,
+            self.eval.interval is None or bool(self.eval_sets()),
             "eval.interval",
-            "needs data.eval_path",
+            "needs data.eval_path or eval.sets",
         )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def eval_sets(self) -> dict[str, str]:
+        """Evaluation sets by name; data.eval_path is the unnamed one ("")."""
+        unnamed = {"": self.data.eval_path} if self.data.eval_path is not None else {}
+        return {**unnamed, **self.eval.sets}
 
     def resume_dir(self) -> str | None:
         return self.checkpoint.load or self.checkpoint.save
@@ -349,6 +398,9 @@ def _describe(annotation: Any) -> str:
         return " or ".join(_describe(arg) for arg in typing.get_args(annotation))
     if annotation is type(None):
         return "null"
+    if origin is dict:
+        key_type, value_type = typing.get_args(annotation)
+        return f"mapping of {_describe(key_type)} to {_describe(value_type)}"
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -388,6 +440,14 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return value
         if isinstance(value, os.PathLike):
             return os.fspath(value)
+    elif origin is dict:
+        if isinstance(value, dict):
+            key_type, value_type = typing.get_args(annotation)
+            return {
+                _coerce(name, key_type, f"{key}.{name}"): _coerce(item, value_type, f"{key}.{name}")
+                for name, item in value.items()
+            }
+        raise ConfigError(key, f"expected a mapping, got {value!r}")
     raise ConfigError(key, f"expected {_describe(annotation)}, got {value!r}")
 
 
@@ -509,6 +569,7 @@ def _resolve_paths(config: FinetuneConfig, base: Path) -> None:
     config.model.hf_config = _relative_to(base, config.model.hf_config)
     config.data.path = _relative_to(base, config.data.path)
     config.data.eval_path = _relative_to(base, config.data.eval_path)
+    config.eval.sets = {name: _relative_to(base, path) for name, path in config.eval.sets.items()}
     config.checkpoint.save = _relative_to(base, config.checkpoint.save)
     config.checkpoint.load = _relative_to(base, config.checkpoint.load)
     config.logging.tensorboard_dir = _relative_to(base, config.logging.tensorboard_dir)
@@ -525,7 +586,7 @@ KEY_HELP: dict[str, str] = {
     "train.epochs": "passes over data.path, rounded up to whole steps",
     "train.seed": "seed of weight init, dropout and the RNG tracker",
     "data.path": "training data: a `megatron-eaft prepare-data` output directory",
-    "data.eval_path": "evaluation data (same format); plain cross-entropy is reported",
+    "data.eval_path": "evaluation data (same format), reported as eval/lm loss (plain CE), eval/eaft/...",
     "data.micro_batch_size": "rows per micro-batch",
     "data.global_batch_size": "rows per optimizer step = micro batch * micro-batches * DP",
     "data.shuffle": "new seeded row order every epoch (same order at any layout)",
@@ -564,11 +625,16 @@ KEY_HELP: dict[str, str] = {
     "checkpoint.save_interval": "steps between checkpoints (also saved at the end and on SIGTERM)",
     "checkpoint.load": "resume from this directory instead of checkpoint.save",
     "checkpoint.optimizer_sharding": "dp_reshardable (same TP/PP on resume) or fully_reshardable",
-    "eval.interval": "steps between evaluations on data.eval_path (null: none)",
-    "eval.iterations": "global batches per evaluation",
+    "eval.interval": "steps between evaluations on data.eval_path and eval.sets (null: none)",
+    "eval.iterations": "global batches per evaluation (per set)",
+    "eval.sets": "named evaluation sets {NAME: DIR}, reported as eval/NAME/lm loss, eval/NAME/eaft/...",
     "logging.interval": "steps per console line",
     "logging.tensorboard_dir": "TensorBoard event directory (last rank)",
     "logging.metrics_file": "JSON line per step (losses, lr, grad norm, speed), appended",
+    "logging.wandb_project": "W&B project: log TensorBoard's scalars there too (`wandb` extra)",
+    "logging.wandb_run_name": "W&B run name (default: W&B's generated one)",
+    "logging.wandb_entity": "W&B entity (team or user; default: your default entity)",
+    "logging.wandb_offline": "write the W&B run locally (upload later with `wandb sync`)",
 }
 
 

@@ -77,7 +77,10 @@ class FitResult:
     start_iteration: int = 0
     final_iteration: int = 0
     stopped_by_signal: bool = False
+    # iteration -> lm loss of data.eval_path (or, without it, of the first of eval.sets)
     eval_losses: dict[int, float] = field(default_factory=dict)
+    # iteration -> set name ("" for data.eval_path) -> report key -> value
+    evaluations: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
 
 
 class _SignalFlag:
@@ -408,15 +411,20 @@ class Trainer:
                 return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
         return float("nan")
 
-    def evaluate(self) -> float:
-        """Plain cross-entropy over eval.iterations global batches of data.eval_path."""
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """Every evaluation set (name "" for data.eval_path) -> its report key -> value."""
+        return {name: self.evaluate_set(path) for name, path in self.config.eval_sets().items()}
+
+    def evaluate_set(self, path: str) -> dict[str, float]:
+        """Over eval.iterations global batches of one set: plain cross-entropy (``lm loss``,
+        the optimised loss in evaluation), the EAFT-weighted loss and the EAFT statistics."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        dataset = self.dataset(self.config.data.eval_path)
+        dataset = self.dataset(path)
         plan = self.batch_plan(dataset, shuffle=False)
         steps = min(self.config.eval.iterations, math.ceil(len(dataset) / plan.global_batch_size))
         self.ddp_model.eval()
-        total = [0.0, 0.0]
+        totals: dict[str, list[float]] = {}
         try:
             with torch.no_grad():
                 for step in range(steps):
@@ -429,13 +437,15 @@ class Trainer:
                         forward_only=True,
                         **self._schedule_shape(microbatches[0]),
                     )
-                    reduced = self._reduce_reports(reports)
-                    if reduced:
-                        total[0] += reduced["lm loss"][0]
-                        total[1] += reduced["lm loss"][1]
+                    for key, (total, count) in self._reduce_reports(reports).items():
+                        pair = totals.setdefault(key, [0.0, 0.0])
+                        pair[0] += total
+                        pair[1] += count
         finally:
             self.ddp_model.train()
-        return total[0] / total[1] if total[1] else float("nan")
+        return {
+            key: total / count if count else float("nan") for key, (total, count) in totals.items()
+        }
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -474,7 +484,10 @@ class Trainer:
         dataset = self.dataset(config.data.path)
         self.check_dataset(dataset, "data.path")
         if config.eval.interval is not None:
-            self.check_dataset(self.dataset(config.data.eval_path), "data.eval_path")
+            for name, path in config.eval_sets().items():
+                self.check_dataset(
+                    self.dataset(path), f"eval.sets.{name}" if name else "data.eval_path"
+                )
         total = config.train.total_iterations(len(dataset), config.data.global_batch_size)
         self.build_scheduler(total)
         if config.checkpoint.save is not None and torch.distributed.get_rank() == 0:
@@ -502,8 +515,10 @@ class Trainer:
                     result.records.append(record)
                     logger.step(record)
                     if self._eval_due():
-                        result.eval_losses[self.iteration] = loss = self.evaluate()
-                        logger.eval(self.iteration, loss)
+                        result.evaluations[self.iteration] = evaluation = self.evaluate()
+                        first = next(iter(evaluation.values()))
+                        result.eval_losses[self.iteration] = first.get("lm loss", float("nan"))
+                        logger.eval(self.iteration, evaluation)
                     stop = _any_rank(sigterm.received)
                     if config.checkpoint.save is not None and (
                         stop or self._save_due() or self.iteration == total
@@ -552,7 +567,8 @@ def _any_rank(flag: bool) -> bool:
 
 
 class MetricsLogger:
-    """Console line every logging.interval steps, TensorBoard scalars and a JSONL file per step.
+    """Console line every logging.interval steps; TensorBoard and W&B scalars (the same keys)
+    and a JSONL line per step.
 
     Only the last rank writes (it is on the last pipeline stage, where the loss lives).
     """
@@ -564,8 +580,13 @@ class MetricsLogger:
         self.interval: list[StepRecord] = []
         self.writer = None
         self.metrics = None
+        self.wandb = None
         if not self.active:
             return
+        if config.logging.wandb_project is not None:
+            from megatron_eaft.train.wandb_writer import WandbWriter
+
+            self.wandb = WandbWriter(config)
         if config.logging.tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -579,16 +600,20 @@ class MetricsLogger:
         if not self.active:
             return
         samples = record.iteration * self.config.data.global_batch_size
+        scalars = {
+            "learning-rate": record.learning_rate,
+            "grad-norm": record.grad_norm,
+            "iteration-time": record.seconds,
+            "tokens-per-sec": record.tokens / record.seconds,
+            **{key: record.value(key) for key in record.reports},
+        }
         if self.writer is not None:
-            self.writer.add_scalar("learning-rate", record.learning_rate, record.iteration)
-            self.writer.add_scalar("grad-norm", record.grad_norm, record.iteration)
-            self.writer.add_scalar("iteration-time", record.seconds, record.iteration)
-            self.writer.add_scalar(
-                "tokens-per-sec", record.tokens / record.seconds, record.iteration
-            )
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, record.iteration)
             for key in record.reports:
-                self.writer.add_scalar(key, record.value(key), record.iteration)
                 self.writer.add_scalar(f"{key} vs samples", record.value(key), samples)
+        if self.wandb is not None:  # W&B plots any key against another: samples is a key
+            self.wandb.log({**scalars, "consumed-samples": samples}, record.iteration)
         if self.metrics is not None:
             self.metrics.write(json.dumps(record.as_dict()) + "\n")
             self.metrics.flush()
@@ -619,20 +644,33 @@ class MetricsLogger:
             parts.append(f"skipped {skipped}")
         return " | ".join(parts)
 
-    def eval(self, iteration: int, loss: float) -> None:
+    def eval(self, iteration: int, evaluation: dict[str, dict[str, float]]) -> None:
+        """One console line per set; ``eval/[NAME/]KEY`` scalars; one JSONL line of them all."""
         if not self.active:
             return
-        ppl = math.exp(min(loss, 20.0))
-        print(
-            f"eval at iteration {iteration}: lm loss {loss:.6E} | lm loss PPL {ppl:.6E}", flush=True
-        )
+        flat: dict[str, float] = {}  # "[NAME/]KEY" -> value, as the JSONL "eval" object holds
+        for name, values in evaluation.items():
+            prefix = f"{name}/" if name else ""
+            parts = []
+            for key in sorted(values, key=_report_order):
+                flat[prefix + key] = values[key]
+                parts.append(f"{key} {values[key]:.6E}")
+                if key == "lm loss":
+                    parts.append(f"lm loss PPL {_perplexity(values[key]):.6E}")
+            where = f" [{name}]" if name else ""
+            print(f"eval at iteration {iteration}{where}: " + " | ".join(parts), flush=True)
+        scalars = {}
+        for key, value in flat.items():
+            scalars[f"eval/{key}"] = value
+            if key.endswith("lm loss"):
+                scalars[f"eval/{key} ppl"] = _perplexity(value)
         if self.writer is not None:
-            self.writer.add_scalar("eval/lm loss", loss, iteration)
-            self.writer.add_scalar("eval/lm loss ppl", ppl, iteration)
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, iteration)
+        if self.wandb is not None:
+            self.wandb.log(scalars, iteration)
         if self.metrics is not None:
-            self.metrics.write(
-                json.dumps({"iteration": iteration, "eval": {"lm loss": loss}}) + "\n"
-            )
+            self.metrics.write(json.dumps({"iteration": iteration, "eval": flat}) + "\n")
             self.metrics.flush()
 
     def close(self) -> None:
@@ -640,6 +678,12 @@ class MetricsLogger:
             self.writer.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self.wandb is not None:
+            self.wandb.close()
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(min(loss, 20.0))  # capped: an untrained model's PPL would overflow
 
 
 def _report_order(key: str) -> tuple[int, str]:

@@ -121,3 +121,46 @@ def finetune_config(
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
     return config_from_dict(base, list(overrides))
+
+
+def wandb_offline_history(wandb_dir: Path) -> dict[str, Any]:
+    """The one offline W&B run under ``wandb_dir``: {"run": {project, display_name},
+    "steps": {step: {key: value}}}, read back from its .wandb transaction log.
+
+    The log is LevelDB's record format (32 KiB blocks of [crc32, length, type] chunks) after a
+    7-byte ":W&B" header; each record is a wandb.proto Record.
+    """
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = Path(wandb_dir).glob("wandb/offline-run-*/run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    block, header = 32768, 7
+    position, chunks = 7, []
+    run: dict[str, str] = {}
+    steps: dict[int, dict[str, Any]] = {}
+    while position + header <= len(data):
+        left = block - position % block
+        _, length, kind = struct.unpack("<IHB", data[position : position + header])
+        if left < header or (kind == 0 and length == 0):  # block trailer / zero padding
+            position += left
+            continue
+        chunks.append(data[position + header : position + header + length])
+        position += header + length
+        if kind not in (1, 4):  # FULL or LAST chunk: the record is complete
+            continue
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(b"".join(chunks))
+        chunks = []
+        if record.WhichOneof("record_type") == "run":
+            run = {"project": record.run.project, "display_name": record.run.display_name}
+        elif record.WhichOneof("record_type") == "history":
+            row = {
+                "/".join(item.nested_key) or item.key: json.loads(item.value_json)
+                for item in record.history.item
+            }
+            steps.setdefault(int(row["_step"]), {}).update(row)
+    return {"run": run, "steps": steps}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import textwrap
 from pathlib import Path
 
@@ -72,7 +73,11 @@ def test_yaml_file_with_overrides_and_relative_paths(tmp_path):
         (["model.checkpoint=/x"], "model.checkpoint", "exactly one"),
         (["model.preset=huge"], "model.preset", "tiny-qwen3"),
         (["checkpoint.save_interval=10"], "checkpoint.save_interval", "checkpoint.save"),
-        (["eval.interval=5"], "eval.interval", "data.eval_path"),
+        (["eval.interval=5"], "eval.interval", "data.eval_path or eval.sets"),
+        (["eval.sets={general: /g, a b: /x}"], "eval.sets.a b", "letters, digits"),
+        (["eval.sets.eaft=/x"], "eval.sets.eaft", "not eaft"),
+        (["eval.sets=[/x]"], "eval.sets", "expected a mapping"),
+        (["eval.sets.general=3"], "eval.sets.general", "expected str"),
         (["parallel.sequence_parallel=true"], "parallel.sequence_parallel", "tensor"),
         (["optimizer=3"], "optimizer", "mapping"),
         (["lr"], "lr", "section.key=value"),
@@ -83,6 +88,39 @@ def test_errors_name_the_key(overrides, key, words):
         config_from_dict(MINIMAL, overrides)
     assert info.value.key == key
     assert key in str(info.value) and words in str(info.value)
+
+
+def test_named_evaluation_sets_next_to_the_eval_path_shorthand(tmp_path):
+    path = write_yaml(
+        tmp_path / "run.yaml",
+        """
+        model: {preset: tiny-qwen3}
+        data: {path: data/train, eval_path: data/domain_eval}
+        train: {iterations: 5}
+        eval: {interval: 5, sets: {general: data/general}}
+        """,
+    )
+    config = load_config(path, ["eval.sets.code=/data/code"])
+    assert config.eval_sets() == {
+        "": str(tmp_path / "data/domain_eval"),
+        "general": str(tmp_path / "data/general"),
+        "code": "/data/code",
+    }
+    only_sets = config_from_dict(MINIMAL, ["eval.interval=2", "eval.sets.general=/g"])
+    assert only_sets.eval_sets() == {"general": "/g"}
+
+
+def test_wandb_needs_a_project_and_its_package(monkeypatch):
+    config = config_from_dict(MINIMAL, ["logging.wandb_project=p", "logging.wandb_offline=true"])
+    assert (config.logging.wandb_project, config.logging.wandb_offline) == ("p", True)
+    with pytest.raises(ConfigError, match=r"^logging\.wandb_entity: needs logging\.wandb_project"):
+        config_from_dict(MINIMAL, ["logging.wandb_entity=team"])
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(MINIMAL, ["logging.wandb_project=p"])
+    assert str(info.value) == (
+        "logging.wandb_project: needs the wandb package: pip install 'megatron-eaft[wandb]'"
+    )
 
 
 def test_missing_sections_name_the_key():

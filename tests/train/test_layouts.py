@@ -182,7 +182,14 @@ def test_moe_step_matches_across_expert_parallel(dist, tmp_path_factory, packed_
     assert expert[-1]["grad_norm"] == pytest.approx(single[-1]["grad_norm"], rel=1e-5)
 
 
-def eval_after_first_step(checkpoint: Path, data: Path) -> tuple[float, float, float]:
+def eval_after_first_step(
+    checkpoint: Path, data: Path, general: Path, out: Path
+) -> tuple[dict, float, float, str]:
+    import contextlib
+    import io
+    import os
+    from unittest import mock
+
     from megatron_eaft.train.trainer import run_training
 
     config = helpers.finetune_config(
@@ -190,20 +197,77 @@ def eval_after_first_step(checkpoint: Path, data: Path) -> tuple[float, float, f
         data,
         "train.iterations=2",  # warm-up 1: the first step's learning rate is 0
         f"data.eval_path={data}",
+        f"eval.sets.general={general}",
         "data.shuffle=false",
         "eval.interval=1",
         "eval.iterations=1",
+        f"logging.metrics_file={out / 'metrics.jsonl'}",
+        f"logging.tensorboard_dir={out / 'tb'}",
+        "logging.wandb_project=eaft-tests",
+        "logging.wandb_run_name=named-eval-sets",
+        "logging.wandb_offline=true",
     )
-    result = run_training(config)
+    # This worker process serves later tests: patch.dict restores its environment.
+    console = io.StringIO()
+    with (
+        mock.patch.dict(os.environ, WANDB_DIR=str(out), WANDB_SILENT="true"),
+        contextlib.redirect_stdout(console),
+    ):
+        result = run_training(config)
     record = result.records[0]
-    return result.eval_losses[1], record.value("lm loss"), record.value("eaft loss")
+    assert result.eval_losses == {i: result.evaluations[i][""]["lm loss"] for i in (1, 2)}
+    return (
+        result.evaluations,
+        record.value("lm loss"),
+        record.value("eaft loss"),
+        console.getvalue(),
+    )
 
 
-def test_evaluation_reports_plain_cross_entropy(dist, tiny_checkpoint, packed_dataset):
+def test_named_evaluation_sets_report_plain_cross_entropy_everywhere(
+    dist, tiny_checkpoint, packed_dataset, tmp_path
+):
     """The first step runs at warm-up LR 0, so evaluating the same rows after it must give
-    that step's unweighted CE (not the EAFT-weighted loss)."""
-    eval_loss, lm_loss, eaft_loss = dist.run(
-        eval_after_first_step, 1, tiny_checkpoint, packed_dataset
+    that step's unweighted CE (not the EAFT-weighted loss). A second, named set reports its own
+    loss and EAFT statistics, under its name, on TensorBoard, the JSONL metrics and W&B."""
+    from megatron_eaft.diagnostics.run_logs import read_metrics_jsonl, read_tensorboard
+
+    general = helpers.write_sft_dataset(
+        tmp_path / "general", packing="pad", samples=helpers.random_samples(8, seed=7)
+    )
+    evaluations, lm_loss, eaft_loss, console = dist.run(
+        eval_after_first_step, 1, tiny_checkpoint, packed_dataset, general, tmp_path
     )[0]
-    assert eval_loss == pytest.approx(lm_loss, rel=1e-6)
+    domain = evaluations[1][""]
+    assert domain["lm loss"] == pytest.approx(lm_loss, rel=1e-6)
     assert abs(eaft_loss - lm_loss) > 1e-3
+    assert set(evaluations[1]) == {"", "general"}
+    statistics = ("lm loss", "eaft loss", "eaft/mean_entropy", "eaft/confident_conflict_frac")
+    assert set(statistics) <= set(evaluations[1]["general"])
+    assert abs(evaluations[1]["general"]["lm loss"] - domain["lm loss"]) > 1e-3
+    general_line = (
+        f"eval at iteration 2 [general]: lm loss {evaluations[2]['general']['lm loss']:.6E}"
+    )
+    assert general_line in console and "eval at iteration 2: lm loss " in console
+    assert "eaft/mean_entropy" in console.split("[general]")[-1].splitlines()[0]
+
+    tags = {
+        (name, key): f"eval/{name}/{key}" if name else f"eval/{key}"
+        for name in ("", "general")
+        for key in statistics
+    }
+    jsonl = read_metrics_jsonl(tmp_path / "metrics.jsonl")
+    tensorboard = read_tensorboard(tmp_path / "tb")
+    history = helpers.wandb_offline_history(tmp_path)
+    assert history["run"] == {"project": "eaft-tests", "display_name": "named-eval-sets"}
+    for iteration in (1, 2):
+        for (name, key), tag in tags.items():
+            value = evaluations[iteration][name][key]
+            assert dict(jsonl[tag])[iteration] == pytest.approx(value), tag
+            assert dict(tensorboard[tag])[iteration] == pytest.approx(value, rel=1e-6), tag
+            assert history["steps"][iteration][tag] == pytest.approx(value), tag
+    assert "eval/general/lm loss ppl" in tensorboard
+    # W&B has TensorBoard's keys (less the "vs samples" axis, a key of its own there).
+    logged = {key for row in history["steps"].values() for key in row}
+    assert {key for key in tensorboard if not key.endswith(" vs samples")} <= logged
+    assert history["steps"][2]["consumed-samples"] == 8
