@@ -8,7 +8,14 @@ import sys
 
 # Each module defines `add_parser(subparsers) -> None`, registering a parser whose
 # `func(args) -> int` runs the command. Imported lazily so `--help` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ("prepare_data", "convert", "finetune", "diagnose", "demo")
+COMMAND_MODULES: tuple[str, ...] = (
+    "prepare_data",
+    "convert",
+    "finetune",
+    "evaluate",
+    "diagnose",
+    "demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,8 @@ CONFLICT_KEY = "eaft/confident_conflict_frac"
 EVAL_KEY = "eval/lm loss"
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (shared with `megatron-eaft evaluate`'s chart)."""
     try:
         import matplotlib
     except ImportError:
@@ -30,7 +31,8 @@ def _pyplot():
     return plt
 
 
-def _save(figure: Any, path: str | os.PathLike) -> Path:
+def save_figure(figure: Any, path: str | os.PathLike) -> Path:
+    """Write ``figure`` as a PNG atomically and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -39,7 +41,7 @@ def _save(figure: Any, path: str | os.PathLike) -> Path:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-        _pyplot().close(figure)
+        pyplot().close(figure)
     return path
 
 
@@ -51,7 +53,7 @@ def plot_entropy_probability(statistics: Mapping[str, Any], path: str | os.PathL
     """
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     hist = statistics["histogram_2d"]
     counts = np.asarray(hist["counts"], dtype=np.float64)
     figure, (joint_axes, marginal_axes) = plt.subplots(
@@ -100,7 +102,7 @@ def plot_entropy_probability(statistics: Mapping[str, Any], path: str | os.PathL
     mean_entropy = statistics.get("mean_entropy")
     if mean_entropy is not None:
         marginal_axes.set_title(f"entropy histogram (mean {mean_entropy:.3f})")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_topk_agreement(agreement: Mapping[str, Any], path: str | os.PathLike) -> Path:
@@ -111,7 +113,7 @@ def plot_topk_agreement(agreement: Mapping[str, Any], path: str | os.PathLike) -
     """
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     bins = agreement["bins"]
     above = agreement["above_normaliser"]
     edges = np.asarray(bins["edges"])
@@ -137,13 +139,13 @@ def plot_topk_agreement(agreement: Mapping[str, Any], path: str | os.PathLike) -
         + ("n/a" if r is None else f"{r:.4f}")
         + f" over {agreement['tokens']:,} tokens"
     )
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_training_curves(runs: Mapping[str, Mapping[str, Series]], path: str | os.PathLike) -> Path:
     """Loss curves (``lm loss`` solid, ``eaft loss`` dashed, evaluation dotted) and the
     confident-conflict fraction, one colour per run."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, (loss_axes, conflict_axes) = plt.subplots(1, 2, figsize=(12, 4.4))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     plotted_conflicts = False
@@ -175,4 +177,4 @@ def plot_training_curves(runs: Mapping[str, Mapping[str, Series]], path: str | o
         conflict_axes.legend(fontsize="small")
     else:
         conflict_axes.text(0.5, 0.5, f"no '{CONFLICT_KEY}' in the logs", ha="center")
-    return _save(figure, path)
+    return save_figure(figure, path)
