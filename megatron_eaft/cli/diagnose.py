@@ -95,8 +95,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_eaft.convert.checkpoint import MegatronCheckpointError
     from megatron_eaft.diagnostics.run_logs import RunLogError
+    from megatron_eaft.models.checkpoint_dir import MegatronCheckpointError
 
     try:
         if args.diagnose_command == "model":

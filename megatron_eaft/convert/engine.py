@@ -21,9 +21,25 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from megatron_eaft.convert import checkpoint as ckpt
-from megatron_eaft.convert.families import family_for_hf_config, get_family
-from megatron_eaft.convert.family import (
+from megatron_eaft.convert.checkpoint import copy_side_files
+from megatron_eaft.convert.hf_io import (
+    CONFIG_FILE,
+    PlannedTensor,
+    SafetensorsReader,
+    SafetensorsShardWriter,
+    plan_shards,
+    read_json,
+)
+from megatron_eaft.convert.torch_dist import TorchDistReader, TorchDistWriter
+from megatron_eaft.models.build import DTYPES
+from megatron_eaft.models.checkpoint_dir import (
+    HF_FILES_DIR,
+    RELEASE,
+    TRACKER_FILE,
+    checkpoint_dir,
+)
+from megatron_eaft.models.families import family_for_hf_config
+from megatron_eaft.models.family import (
     DEFAULT_VOCAB_DIVISOR,
     EXPERT,
     LAYER,
@@ -36,21 +52,9 @@ from megatron_eaft.convert.family import (
     check_transformer_impl,
     padded_vocab_size,
 )
-from megatron_eaft.convert.hf_io import (
-    CONFIG_FILE,
-    PlannedTensor,
-    SafetensorsReader,
-    SafetensorsShardWriter,
-    plan_shards,
-    read_json,
-)
-from megatron_eaft.convert.torch_dist import TorchDistReader, TorchDistWriter
+from megatron_eaft.models.metadata import MODEL_METADATA_FILE, ModelMetadata
+from megatron_eaft.outputs import atomic_output_dir, write_text_atomically
 
-DTYPES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp32": torch.float32,
-}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # How HF configs spell dtypes ("torch_dtype" in transformers 4, "dtype" in 5).
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -351,8 +355,8 @@ def import_hf_checkpoint(
         target_dtype = DTYPES[dtype] if dtype else _source_dtype(plan, reader)
         total = sum(reader.tensors[n].nbytes for n in plan.expected_hf())
         tensors = 0
-        with ckpt.atomic_output_dir(out_dir, force=force) as tmp:
-            writer = TorchDistWriter(tmp / ckpt.RELEASE, fsync=fsync, file_span=reader.file_span)
+        with atomic_output_dir(out_dir, force=force) as tmp:
+            writer = TorchDistWriter(tmp / RELEASE, fsync=fsync, file_span=reader.file_span)
             try:
                 units = list(plan.units())
                 with _progress(total, "import", progress) as bar:
@@ -378,20 +382,17 @@ def import_hf_checkpoint(
                 writer.finish()
             finally:
                 writer.close()
-            (tmp / ckpt.TRACKER_FILE).write_text(ckpt.RELEASE)
-            ckpt.write_model_metadata(
-                tmp,
-                ckpt.model_metadata(
-                    hf_config=hf_config,
-                    family=family.name,
-                    padded_vocab_size=plan.dims.padded_vocab,
-                    make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-                    dtype=DTYPE_NAMES[target_dtype],
-                    transformer_impl=transformer_impl,
-                    source=str(hf_dir.absolute()),
-                ),
-            )
-            ckpt.copy_side_files(hf_dir, tmp / ckpt.HF_FILES_DIR)
+            write_text_atomically(tmp / TRACKER_FILE, RELEASE)
+            ModelMetadata(
+                family=family.name,
+                hf_config=hf_config,
+                padded_vocab_size=plan.dims.padded_vocab,
+                make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                dtype=DTYPE_NAMES[target_dtype],
+                transformer_impl=transformer_impl,
+                source=str(hf_dir.absolute()),
+            ).write(tmp)
+            copy_side_files(hf_dir, tmp / HF_FILES_DIR)
     return ConversionSummary("import", tensors, total, time.perf_counter() - start, out_dir)
 
 
@@ -445,15 +446,14 @@ def export_megatron_checkpoint(
     """Megatron checkpoint root -> HF directory (config.json, safetensors shards, tokenizer)."""
     start = time.perf_counter()
     root = Path(megatron_dir)
-    metadata = ckpt.read_model_metadata(root)
-    family = get_family(metadata["family"])
-    hf_config = dict(metadata["hf_config"])
-    reader = TorchDistReader(ckpt.checkpoint_dir(root, iteration))
+    metadata = ModelMetadata.read(root)
+    hf_config = dict(metadata.hf_config)
+    reader = TorchDistReader(checkpoint_dir(root, iteration))
     plan = plan_conversion(
-        family,
-        HFConfig(hf_config, f"{root / ckpt.MODEL_METADATA_FILE}:hf_config"),
-        transformer_impl=metadata["transformer_impl"],
-        padded_vocab=metadata["padded_vocab_size"],
+        metadata.model_family,
+        metadata.hf(f"{root / MODEL_METADATA_FILE}:hf_config"),
+        transformer_impl=metadata.transformer_impl,
+        padded_vocab=metadata.padded_vocab_size,
     )
     stored_vocab = _stored_padded_vocab(plan, reader)
     if stored_vocab is not None and stored_vocab != plan.dims.padded_vocab:
@@ -471,7 +471,7 @@ def export_megatron_checkpoint(
         for name, shape in zip(unit.hf_names, unit.hf_shapes, strict=True)
     ]
     total = sum(t.nbytes for t in planned)
-    with ckpt.atomic_output_dir(out_dir, force=force) as tmp:
+    with atomic_output_dir(out_dir, force=force) as tmp:
         writer = SafetensorsShardWriter(tmp, plan_shards(planned, max_shard_bytes), fsync=fsync)
         try:
             with _progress(total, "export", progress) as bar:
@@ -493,9 +493,9 @@ def export_megatron_checkpoint(
             writer.close()
         written_dtype = target_dtype or (planned[0].dtype if planned else None)
         _write_hf_config(tmp / CONFIG_FILE, hf_config, written_dtype)
-        side = root / ckpt.HF_FILES_DIR
+        side = root / HF_FILES_DIR
         if side.is_dir():
-            ckpt.copy_side_files(side, tmp)
+            copy_side_files(side, tmp)
     return ConversionSummary("export", len(planned), total, time.perf_counter() - start, out_dir)
 
 

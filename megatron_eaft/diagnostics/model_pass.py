@@ -102,32 +102,11 @@ def _device() -> torch.device:
 
 def build_model(megatron_dir: str, tp: int, pp: int, dtype: torch.dtype):
     """The GPTModel stage of this rank, with the checkpoint's weights (converted or trained)."""
-    from megatron.core import parallel_state
+    from megatron_eaft.models import ModelMetadata, ParallelLayout, load_model_weights
+    from megatron_eaft.models import build_model as build_layout_model
 
-    from megatron_eaft.convert.checkpoint import read_model_metadata
-    from megatron_eaft.convert.families import family_for_hf_config
-    from megatron_eaft.convert.model import build_gpt_model
-    from megatron_eaft.train.checkpointing import load_model_weights
-    from megatron_eaft.train.model import padded_vocab_for_layout
-
-    metadata = read_model_metadata(megatron_dir)
-    hf_config = metadata["hf_config"]
-    config = family_for_hf_config(hf_config).transformer_config(
-        hf_config,
-        params_dtype=dtype,
-        tp=tp,
-        pp=pp,
-        use_cpu_initialization=not torch.cuda.is_available(),
-        perform_initialization=False,
-    )
-    model = build_gpt_model(
-        hf_config,
-        config,
-        transformer_impl=metadata.get("transformer_impl", "local"),
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        padded_vocab_size=padded_vocab_for_layout(metadata, tp),
-    )
+    metadata = ModelMetadata.read(megatron_dir)
+    model = build_layout_model(metadata, ParallelLayout(tensor=tp, pipeline=pp), dtype=dtype)
     load_model_weights(model, megatron_dir)
     model.eval()
     return model

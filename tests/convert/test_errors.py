@@ -11,8 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_eaft.convert import checkpoint as ckpt
-from megatron_eaft.convert.checkpoint import MegatronCheckpointError, atomic_output_dir
 from megatron_eaft.convert.engine import (
     ConversionError,
     export_megatron_checkpoint,
@@ -20,6 +18,10 @@ from megatron_eaft.convert.engine import (
 )
 from megatron_eaft.convert.hf_io import HFCheckpointError
 from megatron_eaft.convert.torch_dist import TorchDistReader, TorchDistWriter
+from megatron_eaft.models import checkpoint_dir as ckpt
+from megatron_eaft.models.checkpoint_dir import MegatronCheckpointError
+from megatron_eaft.models.metadata import MODEL_METADATA_FILE, ModelMetadata
+from megatron_eaft.outputs import atomic_output_dir
 
 FAST = {"progress": False, "fsync": False}
 
@@ -159,7 +161,7 @@ def test_export_needs_the_model_metadata(converted, tmp_path):
     c = converted("qwen2_tied")
     root = tmp_path / "mg"
     shutil.copytree(c.megatron_dir, root)
-    (root / ckpt.MODEL_METADATA_FILE).unlink()
+    (root / MODEL_METADATA_FILE).unlink()
     with pytest.raises(
         MegatronCheckpointError, match=re.escape("megatron_eaft_model.json is missing")
     ):
@@ -184,7 +186,7 @@ def test_export_lists_missing_unexpected_and_misshaped_checkpoint_tensors(conver
     c = converted("qwen3_untied")
     root = tmp_path / "mg"
     root.mkdir()
-    shutil.copy(c.megatron_dir / ckpt.MODEL_METADATA_FILE, root)
+    shutil.copy(c.megatron_dir / MODEL_METADATA_FILE, root)
     (root / ckpt.TRACKER_FILE).write_text("release")
     source = TorchDistReader(c.megatron_dir / "release")
     writer = TorchDistWriter(root / "release", fsync=False)
@@ -212,20 +214,19 @@ def test_export_lists_missing_unexpected_and_misshaped_checkpoint_tensors(conver
 def test_unknown_family_in_metadata_is_named(converted, tmp_path):
     root = tmp_path / "mg"
     shutil.copytree(converted("qwen2_tied").megatron_dir, root)
-    metadata = json.loads((root / ckpt.MODEL_METADATA_FILE).read_text())
-    (root / ckpt.MODEL_METADATA_FILE).write_text(json.dumps({**metadata, "family": "llama"}))
+    metadata = json.loads((root / MODEL_METADATA_FILE).read_text())
+    (root / MODEL_METADATA_FILE).write_text(json.dumps({**metadata, "family": "llama"}))
     with pytest.raises(ValueError, match="unknown model family 'llama'"):
         export_megatron_checkpoint(root, tmp_path / "out", **FAST)
 
 
 def rank_load_untied_into_tied(megatron_dir: str) -> str:
-    from megatron_eaft.convert.checkpoint import load_checkpoint_into_model, read_model_metadata
-    from megatron_eaft.convert.families import get_family
-    from megatron_eaft.convert.model import build_gpt_model
     from megatron_eaft.megatron import cpu_runtime
+    from megatron_eaft.models.build import build_gpt_model, load_checkpoint_into_model
+    from megatron_eaft.models.families import get_family
 
     cpu_runtime.initialize_parallel()
-    hf_config = {**read_model_metadata(megatron_dir)["hf_config"], "tie_word_embeddings": True}
+    hf_config = {**ModelMetadata.read(megatron_dir).hf_config, "tie_word_embeddings": True}
     config = get_family("qwen2").transformer_config(hf_config, use_cpu_initialization=True)
     model = build_gpt_model(hf_config, config)
     try:
