@@ -171,9 +171,13 @@ def verify_checkpoint(
     fresh worker processes from the launcher; tests pass their shared pool's ``run``), so
     this process never initialises Megatron or patches torch for CPU.
     """
-    from megatron_eaft.models import ModelMetadata
+    from megatron_eaft.models import ModelMetadata, ParallelLayout, check_layout
+    from megatron_eaft.models.checkpoint_dir import checkpoint_dir
 
-    input_ids = sample_inputs(ModelMetadata.read(megatron_dir).vocab_size, batch, seq_len, seed)
+    metadata = ModelMetadata.read(megatron_dir)
+    checkpoint_dir(megatron_dir)
+    check_layout(metadata, ParallelLayout(tensor=tp, pipeline=pp, expert=ep))
+    input_ids = sample_inputs(metadata.vocab_size, batch, seq_len, seed)
     reference = hf_logits(hf_dir, input_ids)
     megatron_dir = str(Path(megatron_dir).absolute())
     if runner is None:

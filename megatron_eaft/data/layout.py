@@ -50,8 +50,12 @@ def read_metadata(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{path} not found: {directory} is not a dataset made by `megatron-eaft prepare-data`"
         )
-    with open(path, encoding="utf-8") as handle:
-        metadata = json.load(handle)
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: expected a JSON object")
     if metadata.get("format") != FORMAT_NAME or metadata.get("version") != FORMAT_VERSION:
         raise ValueError(
             f"{path}: format {metadata.get('format')!r} version {metadata.get('version')!r}, "

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_eaft.data.chat_encoding import ChatEncoder, LossOn, load_tokenizer
+from megatron_eaft.data.compatibility import tokenizer_fingerprint
 from megatron_eaft.data.layout import (
     LOSS_MASK_PREFIX,
     TOKENS_PREFIX,
@@ -318,6 +319,7 @@ def prepare_dataset(config: PrepareConfig) -> PrepareSummary:
                 "loss_mask = mask[1:]",
                 "tokenizer": str(Path(config.tokenizer).absolute()),
                 "tokenizer_class": type(tokenizer).__name__,
+                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                 "vocab_size": vocab_size,
                 "token_dtype": np.dtype(dtype).name,
                 "pad_token_id": pad_token_id,

@@ -100,6 +100,32 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
+def check_inputs(
+    megatron_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    tp: int,
+    pp: int,
+    *,
+    allow_tokenizer_mismatch: bool = False,
+) -> None:
+    """What can be refused from metadata alone, before ranks start: the checkpoint (its
+    description and tracker), the layout for this model, the dataset's tokenizer."""
+    from megatron_eaft.data.compatibility import check_dataset_for_model
+    from megatron_eaft.models import ModelMetadata, ParallelLayout, check_layout
+    from megatron_eaft.models.checkpoint_dir import checkpoint_dir
+
+    metadata = ModelMetadata.read(megatron_dir)
+    checkpoint_dir(megatron_dir)
+    check_layout(metadata, ParallelLayout(tensor=tp, pipeline=pp))
+    if not allow_tokenizer_mismatch:
+        check_dataset_for_model(
+            data_dir,
+            metadata,
+            megatron_dir,
+            override_hint="--allow-tokenizer-mismatch accepts it",
+        )
+
+
 def build_model(megatron_dir: str, tp: int, pp: int, dtype: torch.dtype):
     """The GPTModel stage of this rank, with the checkpoint's weights (converted or trained)."""
     from megatron_eaft.models import ModelMetadata, ParallelLayout, load_model_weights

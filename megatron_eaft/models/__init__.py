@@ -11,9 +11,11 @@
 
 from megatron_eaft.models.build import (
     DTYPES,
+    LayoutError,
     ParallelLayout,
     build_gpt_model,
     build_model,
+    check_layout,
     load_checkpoint_into_model,
     load_model_weights,
     resolve_transformer_impl,
@@ -24,12 +26,14 @@ from megatron_eaft.models.metadata import ModelMetadata
 
 __all__ = [
     "DTYPES",
+    "LayoutError",
     "MegatronCheckpointError",
     "ModelMetadata",
     "ParallelLayout",
     "all_families",
     "build_gpt_model",
     "build_model",
+    "check_layout",
     "family_for_hf_config",
     "get_family",
     "load_checkpoint_into_model",

@@ -44,6 +44,52 @@ class ParallelLayout:
     sequence_parallel: bool = False
 
 
+class LayoutError(ValueError):
+    """A parallel layout the model cannot be split by; ``option`` names the size at fault."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+
+# (layout size, TransformerConfig field, what the field counts): Megatron splits each such
+# count evenly, and asserts deep inside model construction when it cannot.
+_DIVISIBILITY = (
+    ("tensor", "num_attention_heads", "attention heads"),
+    ("tensor", "num_query_groups", "key/value heads (query groups)"),
+    ("tensor", "ffn_hidden_size", "MLP hidden size"),
+    ("tensor", "moe_ffn_hidden_size", "expert MLP hidden size"),
+    ("expert", "num_moe_experts", "experts"),
+    ("pipeline", "num_layers", "layers"),
+)
+
+
+def check_layout(metadata: ModelMetadata, layout: ParallelLayout) -> None:
+    """Refuse, naming the size and the model's count, a layout Megatron could not build.
+
+    Pure Python (no Megatron import), so commands can check before starting ranks.
+    """
+    config = metadata.model_family.transformer_config_kwargs(metadata.hf_config)
+    for option, field, what in _DIVISIBILITY:
+        size = getattr(layout, option)
+        count = config.get(field)
+        if field == "num_query_groups" and count is None:
+            count = config.get("num_attention_heads")
+        if count is None or size <= 1:
+            continue
+        if count % size:
+            raise LayoutError(
+                option,
+                f"{option} parallel size {size} does not divide the {count} {what} of this "
+                f"{metadata.family} model ({field})",
+            )
+    if layout.expert > 1 and not config.get("num_moe_experts"):
+        raise LayoutError(
+            "expert",
+            f"expert parallel size {layout.expert}: this {metadata.family} model has no experts",
+        )
+
+
 def resolve_transformer_impl(requested: str) -> str:
     """``auto``: Transformer Engine where it can run (installed and a GPU), else local."""
     if requested != "auto":

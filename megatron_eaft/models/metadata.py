@@ -132,6 +132,11 @@ class ModelMetadata:
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
+            if (Path(root) / "config.json").is_file():
+                raise MegatronCheckpointError(
+                    f"{root} is an HF model directory (it has config.json), not a Megatron "
+                    f"checkpoint: convert it first with `megatron-eaft convert import --hf {root}`"
+                ) from None
             raise MegatronCheckpointError(
                 f"{path} is missing: {root} was not written by `megatron-eaft convert "
                 "import` (or the trainer), so the model cannot be rebuilt from it"
