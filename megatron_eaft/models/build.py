@@ -56,7 +56,7 @@ class LayoutError(ValueError):
 # count evenly, and asserts deep inside model construction when it cannot.
 _DIVISIBILITY = (
     ("tensor", "num_attention_heads", "attention heads"),
-    ("tensor", "num_query_groups", "key/value heads (query groups)"),
+    ("tensor", "num_query_groups", "key/value heads (query groups; or a divisor of TP)"),
     ("tensor", "ffn_hidden_size", "MLP hidden size"),
     ("tensor", "moe_ffn_hidden_size", "expert MLP hidden size"),
     ("expert", "num_moe_experts", "experts"),
@@ -77,7 +77,9 @@ def check_layout(metadata: ModelMetadata, layout: ParallelLayout) -> None:
             count = config.get("num_attention_heads")
         if count is None or size <= 1:
             continue
-        if count % size:
+        # Megatron replicates key/value heads when there are fewer than TP ranks.
+        replicable = field == "num_query_groups" and size % count == 0
+        if count % size and not replicable:
             raise LayoutError(
                 option,
                 f"{option} parallel size {size} does not divide the {count} {what} of this "

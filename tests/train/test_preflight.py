@@ -128,3 +128,13 @@ def test_the_cli_refuses_before_start_up_with_one_line_on_rank_zero(tmp_path, ca
     monkeypatch.setenv("MASTER_PORT", "29500")
     assert main(args) == 2
     assert capsys.readouterr().err == ""
+
+
+def test_fewer_key_value_heads_than_tensor_ranks_are_replicated_not_refused(tmp_path):
+    from megatron_eaft.models import ParallelLayout, check_layout
+
+    metadata = ModelMetadata.for_hf_config(
+        tiny_qwen3_hf_config(num_key_value_heads=1), dtype="fp32", transformer_impl="local"
+    )
+    check_layout(metadata, ParallelLayout(tensor=2))
+    check_layout(metadata, ParallelLayout(tensor=4))
