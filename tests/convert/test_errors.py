@@ -21,7 +21,7 @@ from megatron_eaft.convert.torch_dist import TorchDistReader, TorchDistWriter
 from megatron_eaft.models import checkpoint_dir as ckpt
 from megatron_eaft.models.checkpoint_dir import MegatronCheckpointError
 from megatron_eaft.models.metadata import MODEL_METADATA_FILE, ModelMetadata
-from megatron_eaft.outputs import atomic_output_dir
+from megatron_eaft.outputs import MARKER_FILE, OutputKind, OutputRefusedError, atomic_output_dir
 
 FAST = {"progress": False, "fsync": False}
 
@@ -115,19 +115,84 @@ def test_mixed_dtypes_need_an_explicit_dtype(converted, tmp_path):
     import_hf_checkpoint(hf_dir, tmp_path / "out", dtype="fp32", **FAST)
 
 
-def test_existing_output_needs_force_and_force_replaces_it(converted, tmp_path):
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` and its bytes: what must survive a refused write."""
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+def test_force_replaces_only_a_previous_import(converted, tmp_path):
     c = converted("qwen2_tied")
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
-    with pytest.raises(FileExistsError, match="--force"):
+    import_hf_checkpoint(c.hf_dir, out, **FAST)
+    assert json.loads((out / MARKER_FILE).read_text())["kind"] == "megatron-checkpoint"
+    with pytest.raises(FileExistsError, match="pass --force to replace it"):
         import_hf_checkpoint(c.hf_dir, out, **FAST)
-    assert (out / "keep.txt").read_text() == "old"
     import_hf_checkpoint(c.hf_dir, out, force=True, **FAST)
-    assert not (out / "keep.txt").exists() and (out / ckpt.TRACKER_FILE).is_file()
-    with pytest.raises(FileExistsError, match="--force"):
-        export_megatron_checkpoint(c.megatron_dir, out, **FAST)
-    assert list(tmp_path.iterdir()) == [out], "no temp directories left behind"
+    assert (out / ckpt.TRACKER_FILE).is_file()
+    # Export is another kind: --force does not let it replace an imported checkpoint.
+    with pytest.raises(OutputRefusedError, match="naming 'hf-checkpoint'"):
+        export_megatron_checkpoint(c.megatron_dir, out, force=True, **FAST)
+    # A file the import does not write makes it someone else's directory.
+    (out / "notes.txt").write_text("mine")
+    before = tree(out)
+    with pytest.raises(OutputRefusedError, match=rf"{out} exists .*it holds notes.txt"):
+        import_hf_checkpoint(c.hf_dir, out, force=True, **FAST)
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temp directories left"
+
+
+def test_force_refuses_a_foreign_directory_a_file_and_a_link(converted, tmp_path):
+    hf_dir = converted("qwen2_tied").hf_dir
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("old")
+    with pytest.raises(OutputRefusedError, match=rf"{foreign} exists .*no {MARKER_FILE}"):
+        import_hf_checkpoint(hf_dir, foreign, force=True, **FAST)
+    assert (foreign / "keep.txt").read_text() == "old"
+    regular = tmp_path / "model.bin"
+    regular.write_text("weights")
+    with pytest.raises(OutputRefusedError, match=rf"{regular} is a file, not a directory"):
+        import_hf_checkpoint(hf_dir, regular, force=True, **FAST)
+    assert regular.read_text() == "weights"
+    link = tmp_path / "link"
+    link.symlink_to(foreign)
+    with pytest.raises(OutputRefusedError, match="is a symbolic link"):
+        import_hf_checkpoint(hf_dir, link, force=True, **FAST)
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty directory counts as absent: no --force needed
+    import_hf_checkpoint(hf_dir, empty, **FAST)
+    assert (empty / ckpt.TRACKER_FILE).is_file()
+
+
+def test_import_never_writes_over_or_inside_its_hf_input(converted, tmp_path):
+    hf_dir = copy_hf(converted, "qwen2_tied", tmp_path / "models" / "hf")
+    before = tree(tmp_path)
+    for out, relation in (
+        (hf_dir, "is the input"),
+        (tmp_path / "models", "contains the input"),
+        (tmp_path, "contains the input"),
+        (hf_dir / "megatron", "lies inside the input"),
+    ):
+        with pytest.raises(OutputRefusedError, match=rf"{out} {relation} {hf_dir}"):
+            import_hf_checkpoint(hf_dir, out, force=True, **FAST)
+    assert tree(tmp_path) == before
+
+
+def test_export_never_writes_over_the_run_directory(converted, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(converted("qwen2_tied").megatron_dir, run / "checkpoints")
+    (run / "config.yaml").write_text("train: {iterations: 10}\n")
+    (run / "metrics.jsonl").write_text("{}\n")
+    before = tree(tmp_path)
+    with pytest.raises(OutputRefusedError, match=rf"{run} contains the input"):
+        export_megatron_checkpoint(run / "checkpoints", run, force=True, **FAST)
+    assert tree(tmp_path) == before
+    hf_out = run / "hf"
+    export_megatron_checkpoint(run / "checkpoints", hf_out, **FAST)
+    export_megatron_checkpoint(run / "checkpoints", hf_out, force=True, **FAST)
+    assert json.loads((hf_out / MARKER_FILE).read_text())["kind"] == "hf-checkpoint"
 
 
 def test_interrupted_import_leaves_nothing_that_looks_complete(converted, tmp_path, monkeypatch):
@@ -148,7 +213,8 @@ def test_interrupted_import_leaves_nothing_that_looks_complete(converted, tmp_pa
 
 
 def test_temp_directory_of_a_killed_run_is_hidden_and_marked(tmp_path):
-    with atomic_output_dir(tmp_path / "out") as tmp:
+    kind = OutputKind("test", "a test output", ())
+    with atomic_output_dir(tmp_path / "out", kind=kind) as tmp:
         assert tmp.name.startswith(".out.") and tmp.name.endswith(".incomplete")
         assert not (tmp_path / "out").exists()
     assert (tmp_path / "out").is_dir()
