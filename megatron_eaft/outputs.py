@@ -55,7 +55,17 @@ class OutputRefusedError(FileExistsError):
 
 
 class DiskFullError(OSError):
-    """The filesystem holding an output ran out of space (or quota); the message names it."""
+    """The filesystem holding an output ran out of space (or quota); the message names it.
+
+    ``errno`` and ``filename`` are those of the underlying error; ``str()`` is one line.
+    """
+
+    def __init__(self, message: str, cause: OSError):
+        super().__init__(cause.errno, message, cause.filename)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass(frozen=True)
@@ -247,9 +257,9 @@ def disk_full_error(target: str | os.PathLike, cause: OSError) -> DiskFullError:
     usage = shutil.disk_usage(mount)
     what = "disk quota exceeded" if cause.errno == errno.EDQUOT else "no space left on device"
     return DiskFullError(
-        cause.errno,
         f"{what} writing {target}: the filesystem at {mount} has {human_bytes(usage.free)} "
         f"free of {human_bytes(usage.total)}; free some space or write elsewhere",
+        cause,
     )
 
 

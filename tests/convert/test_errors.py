@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
@@ -11,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from megatron_eaft.convert import torch_dist
 from megatron_eaft.convert.engine import (
     ConversionError,
     export_megatron_checkpoint,
@@ -21,7 +23,13 @@ from megatron_eaft.convert.torch_dist import TorchDistReader, TorchDistWriter
 from megatron_eaft.models import checkpoint_dir as ckpt
 from megatron_eaft.models.checkpoint_dir import MegatronCheckpointError
 from megatron_eaft.models.metadata import MODEL_METADATA_FILE, ModelMetadata
-from megatron_eaft.outputs import MARKER_FILE, OutputKind, OutputRefusedError, atomic_output_dir
+from megatron_eaft.outputs import (
+    MARKER_FILE,
+    DiskFullError,
+    OutputKind,
+    OutputRefusedError,
+    atomic_output_dir,
+)
 
 FAST = {"progress": False, "fsync": False}
 
@@ -110,7 +118,9 @@ def test_mixed_dtypes_need_an_explicit_dtype(converted, tmp_path):
     rewrite_weights(
         hf_dir, lambda t: t.__setitem__("model.norm.weight", t["model.norm.weight"].half())
     )
-    with pytest.raises(ConversionError, match="mixes dtypes"):
+    with pytest.raises(
+        ConversionError, match=r"mixes dtypes torch.float16 \(1: model.norm.weight\)"
+    ):
         import_hf_checkpoint(hf_dir, tmp_path / "out", **FAST)
     import_hf_checkpoint(hf_dir, tmp_path / "out", dtype="fp32", **FAST)
 
@@ -210,6 +220,55 @@ def test_interrupted_import_leaves_nothing_that_looks_complete(converted, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         import_hf_checkpoint(c.hf_dir, tmp_path / "out", **FAST)
     assert list(tmp_path.iterdir()) == []
+
+
+def fill_disk_after(monkeypatch, writes: int) -> None:
+    """Make the torch_dist data file raise ENOSPC from its ``writes``-th write on, as a full
+    disk does inside torch.save's zip writer."""
+    calls = {"n": 0}
+    original = torch_dist._DataFile.write
+
+    def write(self, data):
+        calls["n"] += 1
+        if calls["n"] >= writes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, data)
+
+    monkeypatch.setattr(torch_dist._DataFile, "write", write)
+
+
+def test_full_disk_during_import_is_one_error_naming_the_output(converted, tmp_path, monkeypatch):
+    fill_disk_after(monkeypatch, writes=3)
+    out = tmp_path / "out"
+    with pytest.raises(DiskFullError) as info:
+        import_hf_checkpoint(converted("qwen2_tied").hf_dir, out, **FAST)
+    assert info.value.errno == errno.ENOSPC
+    assert re.fullmatch(
+        rf"no space left on device writing {out}: the filesystem at \S+ has [\d.]+ [kMG]?B free "
+        r"of [\d.]+ [kMG]?B; free some space or write elsewhere",
+        str(info.value),
+    )
+    assert list(tmp_path.iterdir()) == [], "the partial output is removed"
+
+
+def test_non_float_weights_are_named_and_never_cast(converted, tmp_path):
+    hf_dir = copy_hf(converted, "qwen2_tied", tmp_path / "hf")
+
+    def edit(tensors):
+        tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int32)
+        tensors["model.layers.0.input_layernorm.weight"] = torch.ones_like(
+            tensors["model.layers.0.input_layernorm.weight"], dtype=torch.bool
+        )
+
+    rewrite_weights(hf_dir, edit)
+    for dtype in (None, "fp32"):
+        with pytest.raises(ConversionError) as info:
+            import_hf_checkpoint(hf_dir, tmp_path / "out", dtype=dtype, **FAST)
+        message = str(info.value)
+        assert "non-floating-point weights, which are never converted or cast" in message
+        assert "model.norm.weight: torch.int32" in message
+        assert "model.layers.0.input_layernorm.weight: torch.bool" in message
+    assert not (tmp_path / "out").exists()
 
 
 def test_temp_directory_of_a_killed_run_is_hidden_and_marked(tmp_path):
