@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -269,6 +270,17 @@ def test_non_float_weights_are_named_and_never_cast(converted, tmp_path):
         assert "model.norm.weight: torch.int32" in message
         assert "model.layers.0.input_layernorm.weight: torch.bool" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_import_removes_what_a_killed_import_of_the_same_out_left(converted, tmp_path, caplog):
+    from tests.test_outputs import dead_pid, temporary_of
+
+    out = tmp_path / "out"
+    stale = temporary_of(out, dead_pid())
+    with caplog.at_level(logging.WARNING, logger="megatron_eaft.outputs"):
+        import_hf_checkpoint(converted("qwen2_tied").hf_dir, out, **FAST)
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert f"removed {stale} (1.00 kB) left by a killed write of {out}" in caplog.text
 
 
 def test_temp_directory_of_a_killed_run_is_hidden_and_marked(tmp_path):

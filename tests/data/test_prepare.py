@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +270,17 @@ def test_empty_tokenizer_directory_is_named(tmp_path):
     (empty / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=rf"cannot load a tokenizer from {empty}: "):
         prepare_dataset(config_for(tmp_path, empty, [data]))
+
+
+def test_prepare_removes_what_a_killed_run_of_the_same_output_left(tmp_path, tokenizer_dir, caplog):
+    from tests.test_outputs import dead_pid, temporary_of
+
+    data = write_jsonl(tmp_path / "data.jsonl", RECORDS[:2])
+    stale = temporary_of(tmp_path / "out", dead_pid())
+    with caplog.at_level(logging.WARNING, logger="megatron_eaft.outputs"):
+        prepare_dataset(config_for(tmp_path, tokenizer_dir, [data]))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data.jsonl", "out"]
+    assert f"removed {stale} (1.00 kB) left by a killed write of {tmp_path / 'out'}" in caplog.text
 
 
 def test_collate_lays_rows_end_to_end(tmp_path, tokenizer_dir):
