@@ -111,7 +111,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _common_output_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --out made by the same command (nothing else is replaced)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -120,10 +124,11 @@ def run(args: argparse.Namespace) -> int:
     from megatron_eaft.convert.torch_dist import CheckpointFormatError
     from megatron_eaft.models.checkpoint_dir import MegatronCheckpointError
 
+    # OSError covers a refused or existing --out, a missing input and a full disk
+    # (megatron_eaft.outputs.DiskFullError): each message names the path.
     expected = (
         ValueError,
-        FileExistsError,
-        FileNotFoundError,
+        OSError,
         HFCheckpointError,
         MegatronCheckpointError,
         CheckpointFormatError,

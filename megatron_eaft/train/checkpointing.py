@@ -11,7 +11,9 @@ A save root holds Megatron-LM's layout::
 Every rank writes into ``<root>/.iter_0000100.incomplete``; only after all ranks finished does
 rank 0 rename it and then replace the tracker file (write + fsync + rename). A run killed at any
 moment (SIGKILL mid-save included) therefore leaves the tracker naming the previous complete
-checkpoint, and the next run removes the leftover ``.incomplete`` directory.
+checkpoint, and the next run removes the leftover ``.incomplete`` directory. A full disk is
+raised on every rank as one :class:`megatron_eaft.outputs.DiskFullError` naming the checkpoint
+and the free space.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from megatron_eaft.models.checkpoint_dir import (
     remove_incomplete,
 )
 from megatron_eaft.models.metadata import MODEL_METADATA_FILE, ModelMetadata
+from megatron_eaft.outputs import disk_full_as_error
 
 # The trainer's own state in a checkpoint's common state; converted checkpoints lack it.
 TRAINER_STATE_KEY = TRAINING_STATE_KEY
@@ -191,16 +194,20 @@ def save_checkpoint(
             **trainer_state,
         },
     }
-    dist_checkpointing.save(
-        state, str(incomplete), sharded_strategy=_save_strategy(), content_metadata=metadata
-    )
+    final = root / iteration_dir_name(iteration)
+    # A full disk surfaces deep in DCP's per-rank failures or torch's zip writer: say so.
+    with disk_full_as_error(final):
+        dist_checkpointing.save(
+            state, str(incomplete), sharded_strategy=_save_strategy(), content_metadata=metadata
+        )
     torch.distributed.barrier()
     if rank == 0:
-        if not (root / MODEL_METADATA_FILE).is_file():
-            model_description.write(root)
-        publish_iteration(root, iteration)
+        with disk_full_as_error(final):
+            if not (root / MODEL_METADATA_FILE).is_file():
+                model_description.write(root)
+            publish_iteration(root, iteration)
     torch.distributed.barrier()
-    return root / iteration_dir_name(iteration)
+    return final
 
 
 # --- load ------------------------------------------------------------------------------------
