@@ -71,9 +71,13 @@ def run(args: argparse.Namespace) -> int:
         preflight(config)
     except ConfigError as error:
         return _config_error(error)
+    from megatron_eaft.outputs import DiskFullError
     from megatron_eaft.train.trainer import main_worker
 
     try:
         return main_worker(config)
     except ConfigError as error:
         return _config_error(error)
+    except DiskFullError as error:
+        # Every rank's save failed the same way; the last checkpoint is intact.
+        return report_error("megatron-eaft finetune: error", error, 1)

@@ -138,3 +138,30 @@ def test_fewer_key_value_heads_than_tensor_ranks_are_replicated_not_refused(tmp_
     )
     check_layout(metadata, ParallelLayout(tensor=2))
     check_layout(metadata, ParallelLayout(tensor=4))
+
+
+def test_a_full_disk_during_training_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from megatron_eaft.outputs import DiskFullError
+    from megatron_eaft.train import trainer
+
+    def full_disk(config):
+        raise DiskFullError(
+            f"no space left on device writing {tmp_path}/run",
+            OSError(errno.ENOSPC, "No space left on device"),
+        )
+
+    monkeypatch.setattr(trainer, "main_worker", full_disk)
+    data = config(tmp_path)
+    args = [
+        "finetune",
+        f"model.checkpoint={data['model']['checkpoint']}",
+        f"data.path={data['data']['path']}",
+        "train.iterations=1",
+    ]
+    assert main(args) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        f"megatron-eaft finetune: error: no space left on device writing {tmp_path}/run"
+    ]
