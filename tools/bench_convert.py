@@ -75,8 +75,8 @@ print(json.dumps({{"seconds": seconds, "bytes": summary.bytes, "tensors": summar
 def synthetic_checkpoint(directory: Path, layers: int, shard_bytes: int) -> tuple[int, int]:
     """Write the HF directory; returns (total tensor bytes, largest tensor bytes)."""
     from megatron_eaft.convert.engine import plan_conversion
-    from megatron_eaft.convert.families import family_for_hf_config
     from megatron_eaft.convert.hf_io import PlannedTensor, SafetensorsShardWriter, plan_shards
+    from megatron_eaft.models.families import family_for_hf_config
 
     config = {**QWEN3_32B, "num_hidden_layers": layers}
     plan = plan_conversion(family_for_hf_config(config), config)

@@ -3,7 +3,7 @@
 Megatron-Bridge has no dense GLM-4 (``Glm4ForCausalLM``) bridge: its layers have two extra
 "sandwich" norms. ``megatron-eaft convert import`` converts it, and this script hands Bridge a
 model provider built from that checkpoint's metadata with our GLM-4 layer spec
-(``megatron_eaft.megatron.glm4``), so Bridge's trainer, data and checkpointing run it:
+(``megatron_eaft.models.glm4_layer``), so Bridge's trainer, data and checkpointing run it:
 
     megatron-eaft convert import --hf /models/GLM-4-9B-0414 --out /ckpt/glm4-9b \
         --transformer-impl transformer_engine --dtype bf16
@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from megatron_eaft.convert.checkpoint import HF_FILES_DIR, read_model_metadata
-from megatron_eaft.convert.families import family_for_hf_config
 from megatron_eaft.megatron.bridge import enable_eaft, use_local_sft_data
 from megatron_eaft.megatron.megatron_lm import add_eaft_args, eaft_config_from_args
+from megatron_eaft.models import ModelMetadata
+from megatron_eaft.models.checkpoint_dir import HF_FILES_DIR
 
 
 def glm4_model_provider(
@@ -36,12 +36,12 @@ def glm4_model_provider(
     """A Bridge GPTModelProvider for the converted GLM-4 checkpoint, with our layer spec."""
     from megatron.bridge.models import GPTModelProvider
 
-    metadata = read_model_metadata(checkpoint)
-    hf_config = metadata["hf_config"]
-    family = family_for_hf_config(hf_config)
+    metadata = ModelMetadata.read(checkpoint)
+    hf_config = metadata.hf_config
+    family = metadata.model_family
     if family.name != "glm4":
         raise SystemExit(f"{checkpoint} holds a {family.name} model, not GLM-4")
-    transformer_impl = metadata["transformer_impl"]
+    transformer_impl = metadata.transformer_impl
     model_kwargs = family.gpt_model_kwargs(family.hf(hf_config))
     model_kwargs.pop("max_sequence_length", None)  # Bridge's provider calls it seq_length
 
@@ -52,7 +52,7 @@ def glm4_model_provider(
         **family.transformer_config_kwargs(hf_config),
         **model_kwargs,
         transformer_layer_spec=layer_spec,
-        vocab_size=metadata["padded_vocab_size"],
+        vocab_size=metadata.padded_vocab_size,
         should_pad_vocab=False,  # the checkpoint's padded embedding rows, as converted
         seq_length=seq_length,
         tensor_model_parallel_size=tp,

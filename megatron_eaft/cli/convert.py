@@ -49,7 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="convert checkpoints between HF safetensors and Megatron-Core torch_dist",
         description=(
             "HF <-> Megatron-Core torch_dist conversion for Qwen2/2.5, Qwen3, Qwen3-MoE and "
-            "the other families in megatron_eaft/convert/families. The Megatron side is a "
+            "the other families in megatron_eaft/models/families. The Megatron side is a "
             "directory with latest_checkpointed_iteration.txt, release/ and the model metadata "
             "needed to rebuild the model; it loads at any TP/PP/EP."
         ),
@@ -111,19 +111,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _common_output_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --out made by the same command (nothing else is replaced)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_eaft.convert.checkpoint import MegatronCheckpointError
     from megatron_eaft.convert.hf_io import HFCheckpointError
     from megatron_eaft.convert.torch_dist import CheckpointFormatError
+    from megatron_eaft.models.checkpoint_dir import MegatronCheckpointError
 
+    # OSError covers a refused or existing --out, a missing input and a full disk
+    # (megatron_eaft.outputs.DiskFullError): each message names the path.
     expected = (
         ValueError,
-        FileExistsError,
-        FileNotFoundError,
+        OSError,
         HFCheckpointError,
         MegatronCheckpointError,
         CheckpointFormatError,

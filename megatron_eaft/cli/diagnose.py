@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from megatron_eaft.cli.convert import positive_int
+from megatron_eaft.cli.reporting import report_error
 
 
 def _labelled_path(text: str) -> tuple[str, Path]:
@@ -70,6 +70,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="model dtype"
     )
     model.add_argument("--no-plots", action="store_true", help="JSON only")
+    model.add_argument(
+        "--allow-tokenizer-mismatch",
+        action="store_true",
+        help="accept data tokenised with another tokenizer than the checkpoint's",
+    )
     model.set_defaults(func=run)
 
     run_logs = actions.add_parser(
@@ -95,20 +100,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_eaft.convert.checkpoint import MegatronCheckpointError
     from megatron_eaft.diagnostics.run_logs import RunLogError
+    from megatron_eaft.models.checkpoint_dir import MegatronCheckpointError
 
     try:
         if args.diagnose_command == "model":
             return _model(args)
         return _run_logs(args)
     except (ValueError, FileNotFoundError, MegatronCheckpointError, RunLogError) as error:
-        print(f"diagnose {args.diagnose_command}: error: {error}", file=sys.stderr)
-        return 1
+        return report_error(f"diagnose {args.diagnose_command}: error", error, 1)
 
 
 def _model(args: argparse.Namespace) -> int:
-    from megatron_eaft.diagnostics.model_pass import PassOptions
+    from megatron_eaft.diagnostics.model_pass import PassOptions, check_inputs
     from megatron_eaft.ops import EAFTConfig
 
     options = PassOptions(
@@ -127,6 +131,13 @@ def _model(args: argparse.Namespace) -> int:
     for name in ("megatron", "data"):
         if not getattr(args, name).is_dir():
             raise FileNotFoundError(f"--{name} {getattr(args, name)} is not a directory")
+    check_inputs(
+        args.megatron,
+        args.data,
+        args.tp,
+        args.pp,
+        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
+    )
     result = _collect(args, options)
     if result is None:  # a launched rank that does not report
         return 0

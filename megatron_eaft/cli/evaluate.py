@@ -147,11 +147,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_eaft.convert.checkpoint import MegatronCheckpointError
     from megatron_eaft.convert.engine import ConversionError
     from megatron_eaft.convert.torch_dist import CheckpointFormatError
     from megatron_eaft.evaluation.compare import EvaluationRequest, compare_models
     from megatron_eaft.evaluation.harness import EvaluationError, HarnessSettings
+    from megatron_eaft.models.checkpoint_dir import MegatronCheckpointError
+    from megatron_eaft.outputs import DiskFullError
 
     request = EvaluationRequest(
         models=args.models,
@@ -183,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
         MegatronCheckpointError,
         ConversionError,
         CheckpointFormatError,
+        DiskFullError,
     ) as error:
         print(f"megatron-eaft evaluate: error: {error}", file=sys.stderr)
         return 2

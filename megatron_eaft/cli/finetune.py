@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from megatron_eaft.cli.reporting import report_error
 
 DESCRIPTION = """\
 Fine-tune a converted checkpoint with the EAFT loss on Megatron-Core (TP/PP/CP/DP, distributed
@@ -48,6 +49,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _config_error(error: Exception) -> int:
+    return report_error("megatron-eaft finetune: configuration error", error, 2)
+
+
 def run(args: argparse.Namespace) -> int:
     import yaml
 
@@ -56,15 +61,23 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, [*args.set_overrides, *args.overrides])
     except ConfigError as error:
-        print(f"megatron-eaft finetune: configuration error: {error}", file=sys.stderr)
-        return 2
+        return _config_error(error)
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
+    from megatron_eaft.train.preflight import preflight
+
+    try:
+        preflight(config)
+    except ConfigError as error:
+        return _config_error(error)
+    from megatron_eaft.outputs import DiskFullError
     from megatron_eaft.train.trainer import main_worker
 
     try:
         return main_worker(config)
     except ConfigError as error:
-        print(f"megatron-eaft finetune: configuration error: {error}", file=sys.stderr)
-        return 2
+        return _config_error(error)
+    except DiskFullError as error:
+        # Every rank's save failed the same way; the last checkpoint is intact.
+        return report_error("megatron-eaft finetune: error", error, 1)

@@ -80,7 +80,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=int, default=1, help="tokenisation processes")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the row shuffle")
     parser.add_argument("--no-shuffle", action="store_true", help="keep rows in packing order")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --output made by prepare-data (nothing else is replaced)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 

@@ -1,10 +1,11 @@
 """HF <-> Megatron-Core torch_dist checkpoint conversion.
 
-* :mod:`.family` / :mod:`.families`: one declarative file per model family (config mapping +
-  parameter table); ``family_for_hf_config`` picks one from an HF ``config.json``.
+What a model is (families, metadata, building) lives in :mod:`megatron_eaft.models`; this
+package moves tensors:
+
 * :mod:`.engine`: streams tensors between sharded safetensors and a torch_dist checkpoint
-  written from one process, one tensor group at a time.
-* :mod:`.checkpoint`: the converted directory's layout and metadata (``read_model_metadata``).
-* :mod:`.model`: ``build_gpt_model`` for a family at any TP/PP/EP.
+  written from one process, one tensor group at a time, along a family's parameter table.
+* :mod:`.hf_io` / :mod:`.torch_dist`: the two file formats, read and written directly.
+* :mod:`.checkpoint`: the tokenizer / generation files carried beside a converted checkpoint.
 * :mod:`.verify`: logits of transformers vs. the converted checkpoint.
 """

@@ -21,9 +21,26 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from megatron_eaft.convert import checkpoint as ckpt
-from megatron_eaft.convert.families import family_for_hf_config, get_family
-from megatron_eaft.convert.family import (
+from megatron_eaft.convert.checkpoint import HF_SIDE_FILES, copy_side_files
+from megatron_eaft.convert.hf_io import (
+    CONFIG_FILE,
+    SAFETENSORS_INDEX,
+    PlannedTensor,
+    SafetensorsReader,
+    SafetensorsShardWriter,
+    plan_shards,
+    read_json,
+)
+from megatron_eaft.convert.torch_dist import TorchDistReader, TorchDistWriter
+from megatron_eaft.models.build import DTYPES
+from megatron_eaft.models.checkpoint_dir import (
+    HF_FILES_DIR,
+    RELEASE,
+    TRACKER_FILE,
+    checkpoint_dir,
+)
+from megatron_eaft.models.families import family_for_hf_config
+from megatron_eaft.models.family import (
     DEFAULT_VOCAB_DIVISOR,
     EXPERT,
     LAYER,
@@ -36,21 +53,15 @@ from megatron_eaft.convert.family import (
     check_transformer_impl,
     padded_vocab_size,
 )
-from megatron_eaft.convert.hf_io import (
-    CONFIG_FILE,
-    PlannedTensor,
-    SafetensorsReader,
-    SafetensorsShardWriter,
-    plan_shards,
-    read_json,
+from megatron_eaft.models.metadata import MODEL_METADATA_FILE, ModelMetadata
+from megatron_eaft.outputs import (
+    OutputKind,
+    atomic_output_dir,
+    check_output_target,
+    human_bytes,
+    write_text_atomically,
 )
-from megatron_eaft.convert.torch_dist import TorchDistReader, TorchDistWriter
 
-DTYPES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp32": torch.float32,
-}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # How HF configs spell dtypes ("torch_dtype" in transformers 4, "dtype" in 5).
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -58,6 +69,18 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 # Keys Megatron training checkpoints hold next to the model that export leaves behind.
 NON_MODEL_KEY_PREFIXES = ("optimizer.", "rng_state", "rerun_state_machine_state")
 MAX_LISTED = 20
+
+# What `--force` may replace: a previous output of the same command (see megatron_eaft.outputs).
+MEGATRON_OUTPUT = OutputKind(
+    "megatron-checkpoint",
+    "a Megatron checkpoint made by `convert import`",
+    (TRACKER_FILE, RELEASE, MODEL_METADATA_FILE, HF_FILES_DIR),
+)
+HF_OUTPUT = OutputKind(
+    "hf-checkpoint",
+    "an HF checkpoint made by `convert export`",
+    (CONFIG_FILE, "*.safetensors", SAFETENSORS_INDEX, *HF_SIDE_FILES),
+)
 
 
 class ConversionError(ValueError):
@@ -256,16 +279,9 @@ class ConversionSummary:
 
     def line(self) -> str:
         return (
-            f"{self.direction}: {self.tensors} tensors, {_human_bytes(self.bytes)} in "
+            f"{self.direction}: {self.tensors} tensors, {human_bytes(self.bytes)} in "
             f"{self.seconds:.1f} s ({self.gb_per_s:.2f} GB/s) -> {self.output}"
         )
-
-
-def _human_bytes(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
 
 
 def _progress(total: int, desc: str, enabled: bool) -> tqdm:
@@ -306,13 +322,36 @@ def check_hf_tensors(plan: ConversionPlan, reader: SafetensorsReader) -> None:
         raise error
 
 
-def _source_dtype(plan: ConversionPlan, reader: SafetensorsReader) -> torch.dtype:
-    dtypes = {reader.tensors[n].dtype for n in plan.expected_hf()}
-    if len(dtypes) != 1:
+def _names_by_dtype(dtypes: Mapping[str, torch.dtype]) -> dict[torch.dtype, list[str]]:
+    grouped: dict[torch.dtype, list[str]] = {}
+    for name, dtype in dtypes.items():
+        grouped.setdefault(dtype, []).append(name)
+    return grouped
+
+
+def check_float_tensors(directory: Path, dtypes: Mapping[str, torch.dtype]) -> None:
+    """Model weights are floating point: an integer or bool tensor where one belongs (a
+    quantised or corrupted checkpoint) is refused by name, never cast by --dtype."""
+    bad = [f"{name}: {dtype}" for name, dtype in dtypes.items() if not dtype.is_floating_point]
+    if bad:
         raise ConversionError(
-            f"{reader.directory} mixes dtypes {sorted(map(str, dtypes))}; choose one with --dtype"
+            f"{directory} holds non-floating-point weights, which are never converted or cast:\n"
+            + _listing("not floating point", bad)
         )
-    (dtype,) = dtypes
+
+
+def _source_dtype(plan: ConversionPlan, reader: SafetensorsReader) -> torch.dtype:
+    grouped = _names_by_dtype({n: reader.tensors[n].dtype for n in plan.expected_hf()})
+    if len(grouped) != 1:
+        # The minority dtypes first: they are usually the few tensors that are off.
+        parts = [
+            f"{dtype} ({len(names)}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            for dtype, names in sorted(grouped.items(), key=lambda item: len(item[1]))
+        ]
+        raise ConversionError(
+            f"{reader.directory} mixes dtypes {'; '.join(parts)}; choose one with --dtype"
+        )
+    (dtype,) = grouped
     if dtype not in DTYPE_NAMES:
         raise ConversionError(
             f"{reader.directory} stores {dtype}; choose one of {list(DTYPES)} with --dtype"
@@ -343,16 +382,16 @@ def import_hf_checkpoint(
         transformer_impl=transformer_impl,
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
     )
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise FileExistsError(f"{out_dir} exists; pass --force to overwrite it")
+    output = {"kind": MEGATRON_OUTPUT, "force": force, "inputs": [hf_dir]}
+    out_dir = check_output_target(out_dir, **output)
     with SafetensorsReader(hf_dir) as reader:
         check_hf_tensors(plan, reader)
+        check_float_tensors(hf_dir, {n: reader.tensors[n].dtype for n in plan.expected_hf()})
         target_dtype = DTYPES[dtype] if dtype else _source_dtype(plan, reader)
         total = sum(reader.tensors[n].nbytes for n in plan.expected_hf())
         tensors = 0
-        with ckpt.atomic_output_dir(out_dir, force=force) as tmp:
-            writer = TorchDistWriter(tmp / ckpt.RELEASE, fsync=fsync, file_span=reader.file_span)
+        with atomic_output_dir(out_dir, fsync=fsync, **output) as tmp:
+            writer = TorchDistWriter(tmp / RELEASE, fsync=fsync, file_span=reader.file_span)
             try:
                 units = list(plan.units())
                 with _progress(total, "import", progress) as bar:
@@ -378,20 +417,17 @@ def import_hf_checkpoint(
                 writer.finish()
             finally:
                 writer.close()
-            (tmp / ckpt.TRACKER_FILE).write_text(ckpt.RELEASE)
-            ckpt.write_model_metadata(
-                tmp,
-                ckpt.model_metadata(
-                    hf_config=hf_config,
-                    family=family.name,
-                    padded_vocab_size=plan.dims.padded_vocab,
-                    make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-                    dtype=DTYPE_NAMES[target_dtype],
-                    transformer_impl=transformer_impl,
-                    source=str(hf_dir.absolute()),
-                ),
-            )
-            ckpt.copy_side_files(hf_dir, tmp / ckpt.HF_FILES_DIR)
+            write_text_atomically(tmp / TRACKER_FILE, RELEASE, fsync=fsync)
+            ModelMetadata(
+                family=family.name,
+                hf_config=hf_config,
+                padded_vocab_size=plan.dims.padded_vocab,
+                make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                dtype=DTYPE_NAMES[target_dtype],
+                transformer_impl=transformer_impl,
+                source=str(hf_dir.absolute()),
+            ).write(tmp)
+            copy_side_files(hf_dir, tmp / HF_FILES_DIR)
     return ConversionSummary("import", tensors, total, time.perf_counter() - start, out_dir)
 
 
@@ -445,25 +481,24 @@ def export_megatron_checkpoint(
     """Megatron checkpoint root -> HF directory (config.json, safetensors shards, tokenizer)."""
     start = time.perf_counter()
     root = Path(megatron_dir)
-    metadata = ckpt.read_model_metadata(root)
-    family = get_family(metadata["family"])
-    hf_config = dict(metadata["hf_config"])
-    reader = TorchDistReader(ckpt.checkpoint_dir(root, iteration))
+    metadata = ModelMetadata.read(root)
+    hf_config = dict(metadata.hf_config)
+    reader = TorchDistReader(checkpoint_dir(root, iteration))
     plan = plan_conversion(
-        family,
-        HFConfig(hf_config, f"{root / ckpt.MODEL_METADATA_FILE}:hf_config"),
-        transformer_impl=metadata["transformer_impl"],
-        padded_vocab=metadata["padded_vocab_size"],
+        metadata.model_family,
+        metadata.hf(f"{root / MODEL_METADATA_FILE}:hf_config"),
+        transformer_impl=metadata.transformer_impl,
+        padded_vocab=metadata.padded_vocab_size,
     )
     stored_vocab = _stored_padded_vocab(plan, reader)
     if stored_vocab is not None and stored_vocab != plan.dims.padded_vocab:
         plan = replace(plan, dims=replace(plan.dims, padded_vocab=stored_vocab))
     check_megatron_tensors(plan, reader)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise FileExistsError(f"{out_dir} exists; pass --force to overwrite it")
-
     stored = reader.tensor_keys()
+    check_float_tensors(reader.directory, {unit.key: stored[unit.key][1] for unit in plan.units()})
+    output = {"kind": HF_OUTPUT, "force": force, "inputs": [root]}
+    out_dir = check_output_target(out_dir, **output)
+
     target_dtype = DTYPES[dtype] if dtype else None
     planned = [
         PlannedTensor(name, target_dtype or stored[unit.key][1], shape)
@@ -471,7 +506,7 @@ def export_megatron_checkpoint(
         for name, shape in zip(unit.hf_names, unit.hf_shapes, strict=True)
     ]
     total = sum(t.nbytes for t in planned)
-    with ckpt.atomic_output_dir(out_dir, force=force) as tmp:
+    with atomic_output_dir(out_dir, fsync=fsync, **output) as tmp:
         writer = SafetensorsShardWriter(tmp, plan_shards(planned, max_shard_bytes), fsync=fsync)
         try:
             with _progress(total, "export", progress) as bar:
@@ -493,9 +528,9 @@ def export_megatron_checkpoint(
             writer.close()
         written_dtype = target_dtype or (planned[0].dtype if planned else None)
         _write_hf_config(tmp / CONFIG_FILE, hf_config, written_dtype)
-        side = root / ckpt.HF_FILES_DIR
+        side = root / HF_FILES_DIR
         if side.is_dir():
-            ckpt.copy_side_files(side, tmp)
+            copy_side_files(side, tmp)
     return ConversionSummary("export", len(planned), total, time.perf_counter() - start, out_dir)
 
 

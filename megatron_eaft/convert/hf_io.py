@@ -21,6 +21,8 @@ from typing import BinaryIO
 
 import torch
 
+from megatron_eaft.models.metadata import read_json_object
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_SAFETENSORS = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -56,18 +58,7 @@ class TensorInfo:
 
 
 def read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise HFCheckpointError(f"{path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise HFCheckpointError(
-            f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}"
-        ) from None
-    if not isinstance(data, dict):
-        raise HFCheckpointError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, HFCheckpointError)
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:

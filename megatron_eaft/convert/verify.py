@@ -1,7 +1,7 @@
 """Does a converted checkpoint compute what the HF model computes? Compare logits on CPU.
 
 transformers runs the HF directory in fp32; Megatron-Core builds the model from the
-converted directory alone (``read_model_metadata`` + ``build_gpt_model``) at the requested
+converted directory alone (``ModelMetadata.read`` + ``build_model``) at the requested
 TP/PP/EP on gloo ranks, loads the checkpoint with ``dist_checkpointing`` (so resharding is
 exercised too) and runs a forward-only pipeline schedule. Logits are compared over the real
 vocab (padding rows cut off).
@@ -97,30 +97,22 @@ def megatron_logits(
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megatron_eaft.convert.checkpoint import load_checkpoint_into_model, read_model_metadata
-    from megatron_eaft.convert.families import get_family
-    from megatron_eaft.convert.model import build_gpt_model
     from megatron_eaft.megatron import cpu_runtime
+    from megatron_eaft.models import (
+        ModelMetadata,
+        ParallelLayout,
+        build_model,
+        load_checkpoint_into_model,
+    )
 
     cpu_runtime.initialize_parallel(tp=tp, pp=pp, ep=ep)
-    metadata = read_model_metadata(megatron_dir)
-    hf_config = metadata["hf_config"]
-    family = get_family(metadata["family"])
-    config = family.transformer_config(
-        hf_config,
-        params_dtype=torch.float32,
-        tp=tp,
-        pp=pp,
-        ep=ep,
-        use_cpu_initialization=True,
-        perform_initialization=False,
-    )
-    model = build_gpt_model(
-        hf_config,
-        config,
+    metadata = ModelMetadata.read(megatron_dir)
+    # fp32 and the local spec: the comparison runs on CPU against transformers in fp32.
+    model = build_model(
+        metadata,
+        ParallelLayout(tensor=tp, pipeline=pp, expert=ep),
+        dtype=torch.float32,
         transformer_impl="local",
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
     )
     load_checkpoint_into_model(model, megatron_dir, iteration=iteration)
     model.eval()
@@ -142,7 +134,7 @@ def megatron_logits(
             forward_only=True,
             collect_non_loss_data=True,
         )
-    vocab = family.dims(family.hf(hf_config)).vocab
+    vocab = metadata.vocab_size
     logits = None
     if parallel_state.is_pipeline_last_stage():
         logits = gather_from_tensor_model_parallel_region(outputs[0])[..., :vocab].float()
@@ -179,13 +171,13 @@ def verify_checkpoint(
     fresh worker processes from the launcher; tests pass their shared pool's ``run``), so
     this process never initialises Megatron or patches torch for CPU.
     """
-    from megatron_eaft.convert.checkpoint import read_model_metadata
-    from megatron_eaft.convert.families import get_family
+    from megatron_eaft.models import ModelMetadata, ParallelLayout, check_layout
+    from megatron_eaft.models.checkpoint_dir import checkpoint_dir
 
-    metadata = read_model_metadata(megatron_dir)
-    family = get_family(metadata["family"])
-    vocab = family.dims(family.hf(metadata["hf_config"])).vocab
-    input_ids = sample_inputs(vocab, batch, seq_len, seed)
+    metadata = ModelMetadata.read(megatron_dir)
+    checkpoint_dir(megatron_dir)
+    check_layout(metadata, ParallelLayout(tensor=tp, pipeline=pp, expert=ep))
+    input_ids = sample_inputs(metadata.vocab_size, batch, seq_len, seed)
     reference = hf_logits(hf_dir, input_ids)
     megatron_dir = str(Path(megatron_dir).absolute())
     if runner is None:

@@ -270,4 +270,11 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if not os.listdir(path):
+        raise ValueError(f"cannot load a tokenizer from {path}: it is empty")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        # transformers' messages name what it tried, not the directory it was given.
+        summary = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"cannot load a tokenizer from {path}: {summary}") from error

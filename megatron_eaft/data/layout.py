@@ -23,11 +23,19 @@ from typing import Any
 
 import numpy as np
 
+from megatron_eaft.outputs import OutputKind, write_json_atomically
+
 FORMAT_NAME = "megatron-eaft-sft"
 FORMAT_VERSION = 1
 TOKENS_PREFIX = "tokens"
 LOSS_MASK_PREFIX = "loss_mask"
 METADATA_FILE = "metadata.json"
+# What `prepare-data --overwrite` may replace (see megatron_eaft.outputs).
+DATASET_OUTPUT = OutputKind(
+    "dataset",
+    "a dataset made by `prepare-data`",
+    ("tokens.bin", "tokens.idx", "loss_mask.bin", "loss_mask.idx", METADATA_FILE),
+)
 
 
 def token_dtype(vocab_size: int) -> type[np.number]:
@@ -36,12 +44,8 @@ def token_dtype(vocab_size: int) -> type[np.number]:
 
 
 def write_metadata(directory: Path, metadata: dict[str, Any]) -> None:
-    path = directory / METADATA_FILE
-    temporary = path.with_suffix(".json.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump({"format": FORMAT_NAME, "version": FORMAT_VERSION, **metadata}, handle, indent=2)
-        handle.write("\n")
-    os.replace(temporary, path)
+    payload = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **metadata}
+    write_json_atomically(directory / METADATA_FILE, payload)
 
 
 def read_metadata(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -50,8 +54,12 @@ def read_metadata(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{path} not found: {directory} is not a dataset made by `megatron-eaft prepare-data`"
         )
-    with open(path, encoding="utf-8") as handle:
-        metadata = json.load(handle)
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: expected a JSON object")
     if metadata.get("format") != FORMAT_NAME or metadata.get("version") != FORMAT_VERSION:
         raise ValueError(
             f"{path}: format {metadata.get('format')!r} version {metadata.get('version')!r}, "

@@ -8,15 +8,14 @@ Three passes, so memory stays flat whatever the dataset size:
 3. copy the samples row by row into the final datasets.
 
 Everything is written into a temporary sibling directory that is renamed onto the output path
-only when complete, so an interrupted or failed run never leaves a half-written dataset.
+only when complete (`megatron_eaft.outputs.atomic_output_dir`), so an interrupted or failed run
+never leaves a half-written dataset, and `--overwrite` replaces only a previous dataset.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +32,9 @@ from megatron_eaft.data.chat_encoding import (
     TextEncoder,
     load_tokenizer,
 )
+from megatron_eaft.data.compatibility import tokenizer_fingerprint
 from megatron_eaft.data.layout import (
+    DATASET_OUTPUT,
     LOSS_MASK_PREFIX,
     TOKENS_PREFIX,
     token_dtype,
@@ -51,6 +52,7 @@ from megatron_eaft.data.records import (
     iter_lines,
     parse_record,
 )
+from megatron_eaft.outputs import atomic_output_dir, check_output_target
 
 # Bad lines quoted in the summary and the metadata when --skip-bad counts them.
 MAX_REPORTED_BAD_LINES = 20
@@ -323,18 +325,6 @@ def _tokenizer_ids(tokenizer: Any) -> tuple[int, int | None]:
     return (pad if pad is not None else 0), eos
 
 
-def _publish(temporary: Path, output: Path, overwrite: bool) -> None:
-    if output.exists():
-        if not overwrite:
-            raise FileExistsError(f"{output} exists (pass --overwrite to replace it)")
-        retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        os.replace(output, retired / output.name)
-        os.replace(temporary, output)
-        shutil.rmtree(retired)
-    else:
-        os.replace(temporary, output)
-
-
 def prepare_dataset(config: PrepareConfig) -> PrepareSummary:
     """Runs the whole pipeline; raises DataFileError on a bad line unless config.skip_bad."""
     if config.seq_length < 1:
@@ -342,19 +332,21 @@ def prepare_dataset(config: PrepareConfig) -> PrepareSummary:
     for path in config.inputs:
         if not Path(path).is_file():
             raise FileNotFoundError(f"input file not found: {path}")
-    output = Path(config.output).absolute()
-    if output.exists() and not config.overwrite:
-        raise FileExistsError(f"{output} exists (pass --overwrite to replace it)")
+    output_options = {
+        "kind": DATASET_OUTPUT,
+        "force": config.overwrite,
+        "inputs": [*config.inputs, config.tokenizer, config.chat_template_file],
+        "force_flag": "--overwrite",
+    }
+    output = check_output_target(config.output, **output_options)
     encoder = RecordEncoder(config)  # fails on a bad tokenizer or template before any data
     tokenizer = encoder.tokenizer
     vocab_size = len(tokenizer)
     dtype = token_dtype(vocab_size)
     pad_token_id, eos_token_id = _tokenizer_ids(tokenizer)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     summary = PrepareSummary()
-    try:
+    with atomic_output_dir(output, **output_options) as temporary:
         staging_prefix = temporary / "staging"
         _tokenise_to_staging(config, encoder, staging_prefix, dtype, summary)
         if summary.samples == 0:
@@ -380,6 +372,7 @@ def prepare_dataset(config: PrepareConfig) -> PrepareSummary:
                 "loss_mask = mask[1:]",
                 "tokenizer": str(Path(config.tokenizer).absolute()),
                 "tokenizer_class": type(tokenizer).__name__,
+                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                 "vocab_size": vocab_size,
                 "token_dtype": np.dtype(dtype).name,
                 "pad_token_id": pad_token_id,
@@ -394,8 +387,4 @@ def prepare_dataset(config: PrepareConfig) -> PrepareSummary:
                 "counts": counts,
             },
         )
-        _publish(temporary, output, config.overwrite)
-    finally:
-        if temporary.exists():
-            shutil.rmtree(temporary, ignore_errors=True)
     return summary

@@ -31,6 +31,7 @@ from typing import Any
 
 from megatron_eaft.demo.pretrain import ModelShape, PretrainSettings
 from megatron_eaft.megatron.launcher import WorkerPool
+from megatron_eaft.outputs import write_text_atomically
 
 MARKER_FILE = ".megatron-eaft-demo"
 REPORT_JSON = "report.json"
@@ -198,10 +199,7 @@ def finetune_config(settings: DemoSettings, run_dir: Path, kind: str, paths: dic
 def _write_yaml(path: Path, payload: dict[str, Any]) -> None:
     import yaml
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(yaml.safe_dump(payload, sort_keys=False), encoding="utf-8")
-    os.replace(temporary, path)
+    write_text_atomically(path, yaml.safe_dump(payload, sort_keys=False))
 
 
 def run_demo(

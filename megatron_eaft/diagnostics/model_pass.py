@@ -100,34 +100,39 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
+def check_inputs(
+    megatron_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    tp: int,
+    pp: int,
+    *,
+    allow_tokenizer_mismatch: bool = False,
+) -> None:
+    """What can be refused from metadata alone, before ranks start: the checkpoint (its
+    description and tracker), the layout for this model, the dataset's tokenizer."""
+    from megatron_eaft.data.compatibility import check_dataset_for_model
+    from megatron_eaft.models import ModelMetadata, ParallelLayout, check_layout
+    from megatron_eaft.models.checkpoint_dir import checkpoint_dir
+
+    metadata = ModelMetadata.read(megatron_dir)
+    checkpoint_dir(megatron_dir)
+    check_layout(metadata, ParallelLayout(tensor=tp, pipeline=pp))
+    if not allow_tokenizer_mismatch:
+        check_dataset_for_model(
+            data_dir,
+            metadata,
+            megatron_dir,
+            override_hint="--allow-tokenizer-mismatch accepts it",
+        )
+
+
 def build_model(megatron_dir: str, tp: int, pp: int, dtype: torch.dtype):
     """The GPTModel stage of this rank, with the checkpoint's weights (converted or trained)."""
-    from megatron.core import parallel_state
+    from megatron_eaft.models import ModelMetadata, ParallelLayout, load_model_weights
+    from megatron_eaft.models import build_model as build_layout_model
 
-    from megatron_eaft.convert.checkpoint import read_model_metadata
-    from megatron_eaft.convert.families import family_for_hf_config
-    from megatron_eaft.convert.model import build_gpt_model
-    from megatron_eaft.train.checkpointing import load_model_weights
-    from megatron_eaft.train.model import padded_vocab_for_layout
-
-    metadata = read_model_metadata(megatron_dir)
-    hf_config = metadata["hf_config"]
-    config = family_for_hf_config(hf_config).transformer_config(
-        hf_config,
-        params_dtype=dtype,
-        tp=tp,
-        pp=pp,
-        use_cpu_initialization=not torch.cuda.is_available(),
-        perform_initialization=False,
-    )
-    model = build_gpt_model(
-        hf_config,
-        config,
-        transformer_impl=metadata.get("transformer_impl", "local"),
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        padded_vocab_size=padded_vocab_for_layout(metadata, tp),
-    )
+    metadata = ModelMetadata.read(megatron_dir)
+    model = build_layout_model(metadata, ParallelLayout(tensor=tp, pipeline=pp), dtype=dtype)
     load_model_weights(model, megatron_dir)
     model.eval()
     return model

@@ -7,12 +7,12 @@ sees a half-written PNG. matplotlib is the ``plot`` extra; it is imported on fir
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from megatron_eaft.diagnostics.run_logs import Series
+from megatron_eaft.outputs import atomic_output_file
 
 LOSS_KEYS = ("lm loss", "eaft loss")
 CONFLICT_KEY = "eaft/confident_conflict_frac"
@@ -34,13 +34,10 @@ def pyplot():
 def save_figure(figure: Any, path: str | os.PathLike) -> Path:
     """Write ``figure`` as a PNG atomically and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight")
-        os.replace(temporary, path)
+        with atomic_output_file(path) as temporary:
+            figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight")
     finally:
-        temporary.unlink(missing_ok=True)
         pyplot().close(figure)
     return path
 

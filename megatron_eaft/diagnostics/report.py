@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from megatron_eaft.diagnostics.run_logs import Series
+from megatron_eaft.outputs import write_json_atomically
 
 SCHEMA = "megatron_eaft.diagnostics/1"
 DIAGNOSIS_FILE = "diagnostics.json"
@@ -24,13 +23,7 @@ _SPARKS = "▁▂▃▄▅▆▇█"
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
     """JSON to ``path`` through a temporary sibling and a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        temporary.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    write_json_atomically(path, payload, indent=1)
     return path
 
 

@@ -28,9 +28,9 @@ from megatron_eaft.evaluation.table import (
     Comparison,
     ModelResult,
     plot_comparison,
-    write_atomically,
     write_json,
 )
+from megatron_eaft.outputs import write_text_atomically
 
 RESULT_FILES = ("results.json", "table.txt", "scores.png", "lm_eval")
 
@@ -115,6 +115,6 @@ def compare_models(request: EvaluationRequest, log: Callable[[str], None] = prin
         models=results,
     )
     write_json(out / "results.json", comparison.as_dict())
-    write_atomically(out / "table.txt", comparison.format() + "\n")
+    write_text_atomically(out / "table.txt", comparison.format() + "\n")
     plot_comparison(comparison, out / "scores.png")
     return comparison

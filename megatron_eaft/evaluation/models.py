@@ -16,8 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from megatron_eaft.convert import checkpoint as ckpt
+from megatron_eaft.convert.checkpoint import copy_side_files
 from megatron_eaft.evaluation.harness import EvaluationError
+from megatron_eaft.models.checkpoint_dir import HF_FILES_DIR, checkpoint_dir
+from megatron_eaft.models.metadata import MODEL_METADATA_FILE
 
 HF_CONFIG_FILE = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -49,16 +51,16 @@ def resolve_model(name: str, path: Path, tokenizer: Path | None) -> ModelSpec:
     """Which kind of directory ``path`` is; checked before anything is loaded."""
     if (path / HF_CONFIG_FILE).is_file():
         return ModelSpec(name, path, "hf")
-    if not (path / ckpt.MODEL_METADATA_FILE).is_file():
+    if not (path / MODEL_METADATA_FILE).is_file():
         raise EvaluationError(
             f"model {name}: {path} is neither an HF model directory ({HF_CONFIG_FILE}) nor a "
-            f"megatron-eaft checkpoint ({ckpt.MODEL_METADATA_FILE})"
+            f"megatron-eaft checkpoint ({MODEL_METADATA_FILE})"
         )
     try:
-        ckpt.checkpoint_dir(path)  # the tracker file names an iteration that exists
+        checkpoint_dir(path)  # the tracker file names an iteration that exists
     except (OSError, ValueError) as error:
         raise EvaluationError(f"model {name}: {error}") from None
-    side_files = path / ckpt.HF_FILES_DIR
+    side_files = path / HF_FILES_DIR
     if has_tokenizer(side_files):
         return ModelSpec(name, path, "megatron", side_files)
     if tokenizer is None or not has_tokenizer(tokenizer):
@@ -84,7 +86,7 @@ def hf_directory(model: ModelSpec, scratch: Path) -> Iterator[Path]:
         export_megatron_checkpoint(model.path, target, progress=False, fsync=False)
         if not has_tokenizer(target):
             assert model.tokenizer is not None  # resolve_model made sure
-            ckpt.copy_side_files(model.tokenizer, target)
+            copy_side_files(model.tokenizer, target)
         yield target
     finally:
         shutil.rmtree(temporary, ignore_errors=True)

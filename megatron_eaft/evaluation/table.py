@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 from megatron_eaft.evaluation.harness import TaskScore
+from megatron_eaft.outputs import write_text_atomically
 
 TARGET_AVERAGE = "target avg"
 GENERAL_AVERAGE = "general avg"
@@ -119,18 +118,9 @@ class Comparison:
         }
 
 
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def write_json(path: Path, data: Any) -> None:
-    write_atomically(path, json.dumps(data, indent=2, default=str) + "\n")
+    """Atomically; lm_eval's raw results hold values JSON has no type for (written as text)."""
+    write_text_atomically(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def plot_comparison(comparison: Comparison, path: Path) -> Path:

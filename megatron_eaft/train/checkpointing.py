@@ -11,7 +11,9 @@ A save root holds Megatron-LM's layout::
 Every rank writes into ``<root>/.iter_0000100.incomplete``; only after all ranks finished does
 rank 0 rename it and then replace the tracker file (write + fsync + rename). A run killed at any
 moment (SIGKILL mid-save included) therefore leaves the tracker naming the previous complete
-checkpoint, and the next run removes the leftover ``.incomplete`` directory.
+checkpoint, and the next run removes the leftover ``.incomplete`` directory. A full disk is
+raised on every rank as one :class:`megatron_eaft.outputs.DiskFullError` naming the checkpoint
+and the free space.
 """
 
 from __future__ import annotations
@@ -25,58 +27,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_eaft.convert.checkpoint import (
-    MODEL_METADATA_FILE,
-    RELEASE,
-    TRACKER_FILE,
+from megatron_eaft.models.build import load_model_state, load_model_weights
+from megatron_eaft.models.checkpoint_dir import (
+    TRAINING_STATE_KEY,
     MegatronCheckpointError,
     checkpoint_dir,
-    fsync_dir,
+    incomplete_dir,
     iteration_dir_name,
-    load_checkpoint_into_model,
-    write_model_metadata,
+    publish_iteration,
+    read_tracker,
+    remove_incomplete,
 )
+from megatron_eaft.models.metadata import MODEL_METADATA_FILE, ModelMetadata
+from megatron_eaft.outputs import disk_full_as_error
 
-# Marks checkpoints written by this trainer (common state); converted ones lack it.
-TRAINER_STATE_KEY = "megatron_eaft_trainer"
+# The trainer's own state in a checkpoint's common state; converted checkpoints lack it.
+TRAINER_STATE_KEY = TRAINING_STATE_KEY
 TRAINER_STATE_VERSION = 1
-INCOMPLETE_SUFFIX = ".incomplete"
 
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    fsync_dir(path.parent)
+__all__ = ["load_model_weights", "remove_incomplete"]
 
 
 def latest_iteration(root: str | os.PathLike | None) -> int | str | None:
     """The tracker's iteration (an int, or "release"), or None when there is no checkpoint."""
-    if root is None:
-        return None
-    tracker = Path(root) / TRACKER_FILE
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text(encoding="utf-8").strip()
-    if text == RELEASE:
-        return RELEASE
-    if not text.isdigit():
-        raise MegatronCheckpointError(f"{tracker}: expected an iteration number, got {text!r}")
-    return int(text)
-
-
-def remove_incomplete(root: str | os.PathLike) -> list[Path]:
-    """Delete checkpoint directories a killed save left behind (call on one rank)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    leftovers = [p for p in root.iterdir() if p.name.endswith(INCOMPLETE_SUFFIX) and p.is_dir()]
-    for path in leftovers:
-        shutil.rmtree(path, ignore_errors=True)
-    return leftovers
+    return read_tracker(root)
 
 
 # --- RNG -------------------------------------------------------------------------------------
@@ -193,15 +167,14 @@ def save_checkpoint(
     optimizer: Any,
     scheduler: Any,
     trainer_state: dict[str, Any],
-    model_description: dict[str, Any],
+    model_description: ModelMetadata,
     optimizer_sharding: str,
 ) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
-    final = root / iteration_dir_name(iteration)
-    incomplete = root / f".{final.name}{INCOMPLETE_SUFFIX}"
+    incomplete = incomplete_dir(root, iteration)
     rank = torch.distributed.get_rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -221,24 +194,18 @@ def save_checkpoint(
             **trainer_state,
         },
     }
-    dist_checkpointing.save(
-        state, str(incomplete), sharded_strategy=_save_strategy(), content_metadata=metadata
-    )
+    final = root / iteration_dir_name(iteration)
+    # A full disk surfaces deep in DCP's per-rank failures or torch's zip writer: say so.
+    with disk_full_as_error(final):
+        dist_checkpointing.save(
+            state, str(incomplete), sharded_strategy=_save_strategy(), content_metadata=metadata
+        )
     torch.distributed.barrier()
     if rank == 0:
-        fsync_dir(incomplete)
-        if final.exists():  # re-saving an iteration (a resumed run stopped at the same step)
-            retired = root / f".{final.name}.old"
-            shutil.rmtree(retired, ignore_errors=True)
-            os.replace(final, retired)
-            os.replace(incomplete, final)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(incomplete, final)
-        fsync_dir(root)
-        if not (root / MODEL_METADATA_FILE).is_file():
-            write_model_metadata(root, model_description)
-        _write_text_atomically(root / TRACKER_FILE, f"{iteration}\n")
+        with disk_full_as_error(final):
+            if not (root / MODEL_METADATA_FILE).is_file():
+                model_description.write(root)
+            publish_iteration(root, iteration)
     torch.distributed.barrier()
     return final
 
@@ -250,43 +217,6 @@ def _common_state(path: Path) -> dict[str, Any]:
     from megatron.core import dist_checkpointing
 
     return dist_checkpointing.load_common_state_dict(str(path))
-
-
-def is_trainer_checkpoint(path: Path) -> bool:
-    return TRAINER_STATE_KEY in _common_state(path)
-
-
-def load_model_weights(model: Any, root: str | os.PathLike) -> Path:
-    """Only the weights of the tracker's checkpoint under ``root``, at this run's layout.
-
-    Converted checkpoints go through the converter's loader; fine-tuned ones (which also hold
-    optimizer state) through Megatron's loader with the model's keys only, every one of which
-    must be in the checkpoint.
-    """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
-    path = checkpoint_dir(root)
-    if not is_trainer_checkpoint(path):
-        load_checkpoint_into_model(model, root)
-        return path
-    loaded, _, absent = dist_checkpointing.load(
-        {"model": model.sharded_state_dict()}, str(path), strict=StrictHandling.RETURN_ALL
-    )
-    absent = sorted(k for k in absent if "_extra_state" not in k)
-    if absent:
-        raise MegatronCheckpointError(f"{path} lacks model tensors {absent}")
-    _load_model_state(model, loaded["model"], path)
-    return path
-
-
-def _load_model_state(model: Any, state: dict[str, Any], path: Path) -> None:
-    result = model.load_state_dict(state, strict=False)
-    unset = [k for k in result.missing_keys if "_extra_state" not in k]
-    if unset or result.unexpected_keys:
-        raise MegatronCheckpointError(
-            f"{path}: loading left parameters unset {unset} / unknown {result.unexpected_keys}"
-        )
 
 
 def load_checkpoint(
@@ -328,7 +258,7 @@ def load_checkpoint(
     if restore_rng:
         request["rng_state"] = _sharded_rng_state()
     loaded = dist_checkpointing.load(request, str(path))
-    _load_model_state(model, loaded["model"], path)
+    load_model_state(model, loaded["model"], path, strict=False)
     # The distributed optimizer copies into fp32 main parameters that can be views of the
     # model's own (leaf, requires-grad) parameters.
     with torch.no_grad():

@@ -19,6 +19,7 @@ Schema (every key optional unless marked; defaults are the EAFT paper's fine-tun
       global_batch_size: 64    # = micro_batch_size * micro-batches * data-parallel size
       shuffle: true
       seed: 1234
+      allow_tokenizer_mismatch: false   # refuse data tokenised for another model
     train:
       iterations: N            # or epochs (one of the two is required)
       epochs: 10
@@ -165,6 +166,7 @@ class DataSection:
     global_batch_size: int = 64
     shuffle: bool = True
     seed: int = 1234
+    allow_tokenizer_mismatch: bool = False
 
     def __post_init__(self) -> None:
         _check(self.micro_batch_size >= 1, "data.micro_batch_size", "must be >= 1")
@@ -591,6 +593,7 @@ KEY_HELP: dict[str, str] = {
     "data.global_batch_size": "rows per optimizer step = micro batch * micro-batches * DP",
     "data.shuffle": "new seeded row order every epoch (same order at any layout)",
     "data.seed": "seed of the row order",
+    "data.allow_tokenizer_mismatch": "train on data tokenised with another tokenizer than the model's",
     "parallel.tensor": "tensor-parallel size",
     "parallel.pipeline": "pipeline-parallel size (divides the layer count)",
     "parallel.context": "context-parallel size (Transformer Engine attention)",

@@ -461,10 +461,9 @@ class Trainer:
                 "consumed_samples": self.iteration * config.data.global_batch_size,
                 "config": config.to_dict(),
             },
-            model_description={
-                **description_for_save(self.description, config),
-                "transformer_impl": self.transformer_impl,
-            },
+            model_description=description_for_save(self.description, config).replace(
+                transformer_impl=self.transformer_impl
+            ),
             optimizer_sharding=config.checkpoint.optimizer_sharding,
         )
         _print_last_rank(f"saved checkpoint {path}")
@@ -499,7 +498,7 @@ class Trainer:
         plan = self.batch_plan(dataset, shuffle=config.data.shuffle)
         logger = MetricsLogger(config, total)
         _print_last_rank(
-            f"training {self.description['family']} ({self.transformer_impl}) from iteration "
+            f"training {self.description.family} ({self.transformer_impl}) from iteration "
             f"{self.iteration} to {total}: TP {config.parallel.tensor} PP "
             f"{config.parallel.pipeline} CP {config.parallel.context} DP "
             f"{self.data_parallel_size}, {self.num_microbatches} micro-batches of "

@@ -284,9 +284,9 @@ GLM4_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "bridge" / "gl
 def _glm4_example_logits(megatron_dir: str, input_ids: torch.Tensor) -> torch.Tensor:
     """The GLM-4 example's Bridge model provider, built by Bridge, loaded from our conversion."""
     bridge_support.import_bridge()
-    from megatron_eaft.convert.checkpoint import load_checkpoint_into_model
     from megatron_eaft.megatron import cpu_runtime
-    from megatron_eaft.megatron.glm4 import Glm4TransformerLayer
+    from megatron_eaft.models import load_checkpoint_into_model
+    from megatron_eaft.models.glm4_layer import Glm4TransformerLayer
 
     cpu_runtime.initialize_parallel()
     spec = importlib.util.spec_from_file_location("glm4_eaft_sft", GLM4_EXAMPLE)

@@ -46,6 +46,24 @@ def test_import_export_and_errors(converted, tmp_path, capsys):
     assert "megatron_eaft_model.json is missing" in capsys.readouterr().err
 
 
+def test_full_disk_and_refused_out_are_one_line(converted, tmp_path, monkeypatch, capsys):
+    from tests.convert.test_errors import fill_disk_after
+
+    c = converted("qwen2_tied")
+    base = ["convert", "import", "--hf", str(c.hf_dir), "--no-progress", "--force"]
+    assert main([*base, "--out", str(c.hf_dir.parent)]) == 1
+    assert capsys.readouterr().err == (
+        f"convert import: error: {c.hf_dir.parent} contains the input {c.hf_dir}; write a "
+        "Megatron checkpoint made by `convert import` elsewhere\n"
+    )
+    fill_disk_after(monkeypatch, writes=1)
+    out = tmp_path / "mg"
+    assert main([*base, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"convert import: error: no space left on device writing {out}: ")
+    assert err.count("\n") == 1
+
+
 def test_verify_passes_and_fails_on_tolerance(dist, converted, monkeypatch, capsys):
     monkeypatch.setattr(launcher, "run_distributed", dist.run)
     c = converted("qwen2_untied")

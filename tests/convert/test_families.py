@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from megatron_eaft.convert.engine import plan_conversion
-from megatron_eaft.convert.families import all_families, family_for_hf_config, get_family
-from megatron_eaft.convert.family import (
+from megatron_eaft.convert.torch_dist import sharded_object_key
+from megatron_eaft.models.families import all_families, family_for_hf_config, get_family
+from megatron_eaft.models.family import (
     CONCAT_ROWS,
     INTERLEAVE_QKV,
     PAD_VOCAB,
     Dims,
     UnsupportedConfigError,
 )
-from megatron_eaft.convert.torch_dist import sharded_object_key
 from tests.convert.tiny_models import CASES, hf_config
 
 
@@ -26,8 +26,8 @@ def rank_sharded_layout(hf_config_dict: dict, ep: int) -> tuple[dict, list[str]]
         ShardedTensorFactory,
     )
 
-    from megatron_eaft.convert.model import build_gpt_model
     from megatron_eaft.megatron import cpu_runtime
+    from megatron_eaft.models.build import build_gpt_model
 
     cpu_runtime.initialize_parallel(ep=ep)
     family = family_for_hf_config(hf_config_dict)

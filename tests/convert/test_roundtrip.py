@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_eaft.convert import checkpoint as ckpt
 from megatron_eaft.convert.engine import export_megatron_checkpoint, import_hf_checkpoint
 from megatron_eaft.convert.hf_io import SAFETENSORS_INDEX
 from megatron_eaft.convert.torch_dist import TorchDistReader
+from megatron_eaft.models import checkpoint_dir as ckpt
+from megatron_eaft.models.metadata import MODEL_METADATA_FILE, ModelMetadata
 from tests.convert import tiny_models
 from tests.convert.tiny_models import CASES, SIDE_FILES
 
@@ -50,12 +51,12 @@ def test_import_writes_megatron_layout_and_metadata(converted):
     c = converted("qwen2_tied")
     root = c.megatron_dir
     assert (root / ckpt.TRACKER_FILE).read_text() == "release"
-    metadata = ckpt.read_model_metadata(root)
-    assert metadata["family"] == "qwen2"
-    assert metadata["padded_vocab_size"] == 256
-    assert metadata["dtype"] == "fp32"
-    assert metadata["transformer_impl"] == "local"
-    assert metadata["hf_config"] == json.loads((c.hf_dir / "config.json").read_text())
+    metadata = ModelMetadata.read(root)
+    assert metadata.family == "qwen2"
+    assert metadata.padded_vocab_size == 256
+    assert metadata.dtype == "fp32"
+    assert metadata.transformer_impl == "local"
+    assert metadata.hf_config == json.loads((c.hf_dir / "config.json").read_text())
     stored = TorchDistReader(root / "release").tensor_keys()
     assert stored["embedding.word_embeddings.weight"] == ((256, 64), torch.float32)
     assert "output_layer.weight" not in stored  # tied
@@ -89,7 +90,7 @@ def test_sharded_hf_input_and_sharded_export_load_in_transformers(tmp_path):
 def test_dtype_conversion_on_import_and_export(converted, tmp_path):
     c = converted("qwen3_tied")
     import_hf_checkpoint(c.hf_dir, tmp_path / "mg", dtype="bf16", progress=False, fsync=False)
-    assert ckpt.read_model_metadata(tmp_path / "mg")["dtype"] == "bf16"
+    assert ModelMetadata.read(tmp_path / "mg").dtype == "bf16"
     stored = TorchDistReader(tmp_path / "mg" / "release").tensor_keys()
     assert {dtype for _, dtype in stored.values()} == {torch.bfloat16}
     export_megatron_checkpoint(tmp_path / "mg", tmp_path / "bf16", progress=False, fsync=False)
@@ -106,18 +107,17 @@ def rank_load_and_resave(megatron_dir: str, out_dir: str, tp: int, ep: int) -> N
     """What a trainer does: load the converted checkpoint at TP/EP, save it with Megatron."""
     from megatron.core import dist_checkpointing
 
-    from megatron_eaft.convert.checkpoint import load_checkpoint_into_model, read_model_metadata
-    from megatron_eaft.convert.families import get_family
-    from megatron_eaft.convert.model import build_gpt_model
     from megatron_eaft.megatron import cpu_runtime
+    from megatron_eaft.models.build import build_gpt_model, load_checkpoint_into_model
+    from megatron_eaft.models.families import get_family
 
     cpu_runtime.initialize_parallel(tp=tp, ep=ep)
-    metadata = read_model_metadata(megatron_dir)
-    family = get_family(metadata["family"])
+    metadata = ModelMetadata.read(megatron_dir)
+    family = get_family(metadata.family)
     config = family.transformer_config(
-        metadata["hf_config"], tp=tp, ep=ep, use_cpu_initialization=True
+        metadata.hf_config, tp=tp, ep=ep, use_cpu_initialization=True
     )
-    model = build_gpt_model(metadata["hf_config"], config)
+    model = build_gpt_model(metadata.hf_config, config)
     load_checkpoint_into_model(model, megatron_dir)
     target = Path(out_dir) / ckpt.iteration_dir_name(7)
     if torch.distributed.get_rank() == 0:
@@ -135,7 +135,7 @@ def test_export_of_a_checkpoint_saved_by_megatron_at_another_layout(
     dist.run(rank_load_and_resave, tp * ep, str(c.megatron_dir), str(saved), tp, ep)
     # Megatron pads the vocab for TP2 (256 rows either way here) and splits every TP tensor.
     (saved / ckpt.TRACKER_FILE).write_text("7")
-    shutil.copy(c.megatron_dir / ckpt.MODEL_METADATA_FILE, saved / ckpt.MODEL_METADATA_FILE)
+    shutil.copy(c.megatron_dir / MODEL_METADATA_FILE, saved / MODEL_METADATA_FILE)
     export_megatron_checkpoint(saved, tmp_path / "hf", progress=False, fsync=False)
     assert_same_tensors(hf_tensors(c.hf_dir), hf_tensors(tmp_path / "hf"))
 

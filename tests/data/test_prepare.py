@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from megatron_eaft.data.chat_encoding import ChatEncoder
 from megatron_eaft.data.prepare import PrepareConfig, prepare_dataset
 from megatron_eaft.data.records import DataFileError, parse_record
 from megatron_eaft.data.sft_dataset import SFTDataset, collate_sft_rows
+from megatron_eaft.outputs import OutputRefusedError
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "packs", "rows"]
 
@@ -211,6 +213,74 @@ def test_existing_output_needs_overwrite(tmp_path, tokenizer_dir):
     )
     assert SFTDataset(tmp_path / "out").metadata["packing"] == "pad" and summary.rows == 2
     assert sorted(path.name for path in tmp_path.iterdir()) == ["data.jsonl", "out"]
+
+
+def test_overwrite_replaces_only_a_previous_dataset(tmp_path, tokenizer_dir):
+    """--overwrite never deletes an input, a file, or a directory prepare-data did not make."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    data = write_jsonl(inputs / "data.jsonl", RECORDS[:2])
+    (inputs / "unrelated.txt").write_text("keep me")
+    regular = tmp_path / "dataset.bin"
+    regular.write_text("not a directory")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "metadata.json").write_text("{}")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for output, message in (
+        (inputs, rf"{inputs} contains the input {data}"),
+        (data, rf"{data} is the input {data}"),
+        (tokenizer_dir, rf"{tokenizer_dir} is the input {tokenizer_dir}"),
+        (regular, rf"{regular} is a file, not a directory"),
+        (foreign, rf"{foreign} exists and is not a dataset made by `prepare-data`"),
+    ):
+        with pytest.raises(OutputRefusedError, match=message):
+            prepare_dataset(
+                config_for(tmp_path, tokenizer_dir, [data], output=output, overwrite=True)
+            )
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    # A previous dataset with a file added by hand is no longer only a dataset.
+    out = tmp_path / "out"
+    prepare_dataset(config_for(tmp_path, tokenizer_dir, [data]))
+    (out / "README").write_text("my notes")
+    with pytest.raises(OutputRefusedError, match="it holds README"):
+        prepare_dataset(config_for(tmp_path, tokenizer_dir, [data], overwrite=True))
+    assert (out / "README").read_text() == "my notes"
+
+
+def test_cli_refusal_is_one_line(tmp_path, tokenizer_dir, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", RECORDS[:2])
+    arguments = ["prepare-data", "--input", str(data), "--tokenizer", str(tokenizer_dir)]
+    arguments += ["--seq-length", "192", "--no-progress", "--overwrite", "--output", str(tmp_path)]
+    assert main(arguments) == 1
+    error = capsys.readouterr().err
+    assert (
+        error == f"prepare-data: error: {tmp_path} contains the input {data}; write a dataset "
+        "made by `prepare-data` elsewhere\n"
+    )
+    assert data.is_file()
+
+
+def test_empty_tokenizer_directory_is_named(tmp_path):
+    empty = tmp_path / "tokenizer"
+    empty.mkdir()
+    data = write_jsonl(tmp_path / "data.jsonl", RECORDS[:1])
+    with pytest.raises(ValueError, match=rf"cannot load a tokenizer from {empty}: it is empty"):
+        prepare_dataset(config_for(tmp_path, empty, [data]))
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=rf"cannot load a tokenizer from {empty}: "):
+        prepare_dataset(config_for(tmp_path, empty, [data]))
+
+
+def test_prepare_removes_what_a_killed_run_of_the_same_output_left(tmp_path, tokenizer_dir, caplog):
+    from tests.test_outputs import dead_pid, temporary_of
+
+    data = write_jsonl(tmp_path / "data.jsonl", RECORDS[:2])
+    stale = temporary_of(tmp_path / "out", dead_pid())
+    with caplog.at_level(logging.WARNING, logger="megatron_eaft.outputs"):
+        prepare_dataset(config_for(tmp_path, tokenizer_dir, [data]))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data.jsonl", "out"]
+    assert f"removed {stale} (1.00 kB) left by a killed write of {tmp_path / 'out'}" in caplog.text
 
 
 def test_collate_lays_rows_end_to_end(tmp_path, tokenizer_dir):

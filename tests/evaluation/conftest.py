@@ -84,10 +84,10 @@ def tiny_models(directory: Path) -> tuple[Path, Path]:
     import torch
     import transformers
 
-    from megatron_eaft.convert.checkpoint import HF_FILES_DIR
     from megatron_eaft.convert.engine import import_hf_checkpoint
     from megatron_eaft.demo.pretrain import ModelShape, qwen3_config
     from megatron_eaft.demo.tokenizer import train_tokenizer
+    from megatron_eaft.models.checkpoint_dir import HF_FILES_DIR
 
     texts = task_texts()
     tokenizer = train_tokenizer(texts * 3, 300, directory / "tokenizer")

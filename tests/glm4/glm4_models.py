@@ -111,7 +111,7 @@ def build_megatron_glm4(hf_config, vocab_size: int | None = None):
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_eaft.megatron.glm4 import glm4_layer_spec
+    from megatron_eaft.models.glm4_layer import glm4_layer_spec
 
     return GPTModel(
         megatron_config(hf_config),

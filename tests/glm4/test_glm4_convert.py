@@ -15,9 +15,9 @@ from megatron_eaft.convert.engine import (
     export_megatron_checkpoint,
     import_hf_checkpoint,
 )
-from megatron_eaft.convert.families import family_for_hf_config
-from megatron_eaft.convert.families.glm4 import FAMILY as GLM4
-from megatron_eaft.convert.family import UnsupportedConfigError
+from megatron_eaft.models.families import family_for_hf_config
+from megatron_eaft.models.families.glm4 import FAMILY as GLM4
+from megatron_eaft.models.family import UnsupportedConfigError
 from tests.glm4 import glm4_models as glm4
 
 LOGIT_TOLERANCE = 1e-4

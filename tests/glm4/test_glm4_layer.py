@@ -183,7 +183,7 @@ def test_transformer_engine_spec_fuses_input_norms_and_keeps_sandwich_norms_sepa
     from megatron.core.extensions import transformer_engine as te_extension
     from megatron.core.transformer.identity_op import IdentityOp
 
-    from megatron_eaft.megatron.glm4 import TE_EXTENSION_MODULE, glm4_layer_submodules
+    from megatron_eaft.models.glm4_layer import TE_EXTENSION_MODULE, glm4_layer_submodules
 
     te = glm4_layer_submodules("transformer_engine")
     attention = te.self_attention.submodules
@@ -223,7 +223,7 @@ def test_transformer_engine_spec_fuses_input_norms_and_keeps_sandwich_norms_sepa
 def test_layer_spec_rejects_what_it_cannot_build():
     from megatron.core.extensions.transformer_engine import HAVE_TE
 
-    from megatron_eaft.megatron.glm4 import glm4_layer_spec
+    from megatron_eaft.models.glm4_layer import glm4_layer_spec
 
     with pytest.raises(ValueError, match="unknown transformer_impl 'apex'"):
         glm4_layer_spec("apex")  # type: ignore[arg-type]
@@ -235,7 +235,7 @@ def test_layer_spec_rejects_what_it_cannot_build():
 def test_layer_refuses_megatron_rope_path_that_drops_the_interleave():
     from megatron.core.transformer import TransformerConfig
 
-    from megatron_eaft.megatron.glm4 import Glm4TransformerLayer, glm4_layer_submodules
+    from megatron_eaft.models.glm4_layer import Glm4TransformerLayer, glm4_layer_submodules
 
     config = TransformerConfig(
         num_layers=1,

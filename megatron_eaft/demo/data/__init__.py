@@ -14,7 +14,6 @@ Nothing is downloaded; the same seed always gives the same bytes.
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from megatron_eaft.demo.data.facts import (
     MONTHS,
     OPPOSITES,
 )
+from megatron_eaft.outputs import atomic_output_file
 
 CONVERSIONS: tuple[tuple[str, str, int], ...] = (
     ("kilometres", "metres", 1000),
@@ -191,12 +191,9 @@ def as_chat(qa: QA) -> dict[str, list[dict[str, str]]]:
 
 
 def _write_atomically(path: Path, lines: Iterator[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
+    with atomic_output_file(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
         for line in lines:
             handle.write(line + "\n")
-    os.replace(temporary, path)
     return path
 
 

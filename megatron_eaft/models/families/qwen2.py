@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_eaft.convert.family import (
+from megatron_eaft.models.family import (
     CONCAT_ROWS,
     INTERLEAVE_QKV,
     PAD_VOCAB,

@@ -3,7 +3,7 @@
 Differences from Qwen2 that matter for identical logits:
   * `post_self_attn_layernorm` / `post_mlp_layernorm` on the attention / MLP outputs before
     each residual add: not a Megatron-Core option, so the family brings its own layer
-    (`megatron_eaft.megatron.glm4`);
+    (`megatron_eaft.models.glm4_layer`);
   * RoPE on the first `partial_rotary_factor` (0.5) of each head, rotating interleaved pairs
     (0::2, 1::2): `rotary_interleaved=True`, `rotary_percent=0.5`;
   * the MLP's gate and up projections are one HF tensor, `gate_up_proj` = [gate; up], which
@@ -18,14 +18,14 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from megatron_eaft.convert.families.qwen2 import (
+from megatron_eaft.models.families.qwen2 import (
     ATTENTION,
     EMBEDDINGS,
     QKV_BIAS,
     L,
     lm_head_beside_tied_embeddings,
 )
-from megatron_eaft.convert.family import (
+from megatron_eaft.models.family import (
     HFConfig,
     ModelFamily,
     Param,
@@ -81,7 +81,7 @@ def glm4_gpt_model_kwargs(hf: HFConfig) -> dict[str, Any]:
 
 
 def glm4_layer_spec(config: Any, transformer_impl: str) -> Any:
-    from megatron_eaft.megatron.glm4 import glm4_layer_spec as layer_spec
+    from megatron_eaft.models.glm4_layer import glm4_layer_spec as layer_spec
 
     return layer_spec(transformer_impl)  # type: ignore[arg-type]
 

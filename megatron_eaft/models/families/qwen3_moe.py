@@ -18,14 +18,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_eaft.convert.families.qwen2 import (
+from megatron_eaft.models.families.qwen2 import (
     ATTENTION,
     EMBEDDINGS,
     L,
     lm_head_beside_tied_embeddings,
 )
-from megatron_eaft.convert.families.qwen3 import QK_NORMS, qwen3_config, qwen3_dims
-from megatron_eaft.convert.family import CONCAT_ROWS, HFConfig, ModelFamily, Param
+from megatron_eaft.models.families.qwen3 import QK_NORMS, qwen3_config, qwen3_dims
+from megatron_eaft.models.family import CONCAT_ROWS, HFConfig, ModelFamily, Param
 
 E = "mlp.experts.{expert}."
 

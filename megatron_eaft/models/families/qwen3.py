@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_eaft.convert.families.qwen2 import (
+from megatron_eaft.models.families.qwen2 import (
     ATTENTION,
     DENSE_MLP,
     EMBEDDINGS,
     L,
     lm_head_beside_tied_embeddings,
 )
-from megatron_eaft.convert.family import (
+from megatron_eaft.models.family import (
     HFConfig,
     ModelFamily,
     Param,

@@ -1,6 +1,6 @@
 """The vocabulary a model family file is written in: config reader, dimensions, parameter rows.
 
-A family (see :mod:`megatron_eaft.convert.families`) is data: a function from the HF
+A family (see :mod:`megatron_eaft.models.families`) is data: a function from the HF
 ``config.json`` to ``TransformerConfig`` keyword arguments, and a tuple of :class:`Param` rows
 that say which HF tensors make which Megatron checkpoint tensor, through which
 :class:`Transform`. The conversion engine (:mod:`megatron_eaft.convert.engine`) expands the rows

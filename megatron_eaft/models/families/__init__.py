@@ -4,7 +4,7 @@ Format of a family file
 =======================
 
 A family is a module in this package that defines ``FAMILY = ModelFamily(...)`` (types in
-:mod:`megatron_eaft.convert.family`). Modules are discovered automatically: adding
+:mod:`megatron_eaft.models.family`). Modules are discovered automatically: adding
 ``families/<name>.py`` is all it takes; nothing here needs editing. A family file holds no
 loops and no I/O, only:
 
@@ -88,7 +88,7 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
-from megatron_eaft.convert.family import ModelFamily, UnsupportedConfigError
+from megatron_eaft.models.family import ModelFamily, UnsupportedConfigError
 
 
 @cache
