@@ -13,8 +13,9 @@ and fuses into the following linear under TE's parameter names
 
 Without CUDA and without ``fla``, Gated DeltaNet runs Megatron's torch path
 (``deterministic_mode``: ``F.conv1d`` and ``torch_chunk_gated_delta_rule``) with a torch
-``l2norm``; that path has no packed (THD) sequences, which :class:`CpuGatedDeltaNet` refuses
-with an error saying so. With CUDA none of this changes anything: the settings are empty and
+``l2norm``; that path has no packed (THD) sequences, which :class:`LocalGatedDeltaNet` refuses
+with an error saying so (as it refuses the block-diagonal masks of packed rows, which a
+linear-attention layer cannot honour). With CUDA none of this changes anything: the settings are empty and
 the block spec is Megatron's own (local spec users on GPU get the local provider, which only
 replaces what Megatron would refuse).
 """
@@ -141,21 +142,42 @@ def _gated_delta_net() -> type:
     return GatedDeltaNet
 
 
-class CpuGatedDeltaNet(_gated_delta_net()):  # type: ignore[misc]
-    """Megatron's ``GatedDeltaNet``, refusing packed (THD) sequences with a clear error: its
-    torch path (no ``fla``) handles padded batches only."""
+def _is_plain_causal(mask: torch.Tensor) -> bool:
+    """Whether a Megatron attention mask ([b, 1, s, s], True = masked) is only causal."""
+    seq = mask.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).triu(1)
+    return bool((mask.bool() == causal).all())
 
-    def forward(self, *args: Any, packed_seq_params: Any = None, **kwargs: Any):
+
+class LocalGatedDeltaNet(_gated_delta_net()):  # type: ignore[misc]
+    """Megatron's ``GatedDeltaNet`` for the local spec, refusing inputs it would get wrong.
+
+    A linear-attention layer has no attention mask: a packed row's block-diagonal mask (how
+    the local spec separates packed samples) would be ignored and each sample's recurrent
+    state would run into the next. Packed (THD) sequences need ``fla``, which Megatron's torch
+    path (CPU) does not replace. Both are refused with the reason.
+    """
+
+    def forward(self, hidden_states: Any, attention_mask: Any = None, *args: Any, **kwargs: Any):
+        packed = kwargs.get("packed_seq_params")
         if (
-            packed_seq_params is not None
-            and getattr(packed_seq_params, "qkv_format", None) == "thd"
+            packed is not None
+            and getattr(packed, "qkv_format", None) == "thd"
+            and not fla_available()
         ):
             raise ValueError(
                 "packed (THD) sequences through Gated DeltaNet layers need fla "
-                "(flash-linear-attention) on a GPU; without it (CPU) pass unpacked, padded "
-                "batches (turn sequence packing off)"
+                "(flash-linear-attention) on a GPU; without it (CPU) train on unpacked, padded "
+                "rows (a pad dataset)"
             )
-        return super().forward(*args, packed_seq_params=packed_seq_params, **kwargs)
+        if attention_mask is not None and not _is_plain_causal(attention_mask):
+            raise ValueError(
+                "Gated DeltaNet layers cannot honour a block-diagonal attention mask (packed "
+                "rows): each sample's recurrent state would run into the next. Use unpacked, "
+                "padded rows (a pad dataset), or Transformer Engine with fla (packed rows then "
+                "go as THD sequences)"
+            )
+        return super().forward(hidden_states, attention_mask, *args, **kwargs)
 
 
 def _local_backend_provider() -> Any:
@@ -250,9 +272,8 @@ def gated_delta_net_block_spec(
         block = variant.get_transformer_block_with_experimental_attention_variant_spec(
             config, vp_stage=vp_stage
         )
-    if torch_gated_delta_net_needed():
-        for layer in block.layer_specs:
-            attention = layer.submodules.self_attention
-            if attention.module is GatedDeltaNet:
-                attention.module = CpuGatedDeltaNet
+    for layer in block.layer_specs:
+        attention = layer.submodules.self_attention
+        if attention.module is GatedDeltaNet:
+            attention.module = LocalGatedDeltaNet
     return block

@@ -172,7 +172,8 @@ def transformers_reading(class_name: str, data: Mapping[str, Any]) -> dict[str, 
     built, never a model. A file the class refuses gives no defaults: the family's own checks
     then name the offending key.
     """
-    return dict(_transformers_reading(class_name, json.dumps(dict(data), sort_keys=True)))
+    key = json.dumps(dict(data), sort_keys=True, default=str)
+    return dict(_transformers_reading(class_name, key))
 
 
 @functools.lru_cache(maxsize=64)

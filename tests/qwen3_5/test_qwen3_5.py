@@ -62,17 +62,13 @@ def _layout_and_tp1_logits(megatron_dir: str, input_ids: torch.Tensor):
     return layout, verify.megatron_logits(megatron_dir, input_ids, 1, 1)
 
 
-def _logits_at_layouts(megatron_dirs: list[str], input_ids: torch.Tensor):
-    return [
-        verify.megatron_logits(directory, input_ids, tp, pp)
-        for directory in megatron_dirs
-        for tp, pp in LAYOUTS
-    ]
+def _logits_at_layouts(runs: list[tuple[str, int, int]], input_ids: torch.Tensor):
+    return [verify.megatron_logits(directory, input_ids, tp, pp) for directory, tp, pp in runs]
 
 
 def test_converted_checkpoints_match_megatron_and_transformers(dist, checkpoints):
     input_ids, made = checkpoints
-    lm, vl = made["lm"], made["vl"]
+    lm = made["lm"]
 
     (tensors, objects), tp1 = dist.run(_layout_and_tp1_logits, 1, str(lm.megatron_dir), input_ids)[
         0
@@ -83,14 +79,15 @@ def test_converted_checkpoints_match_megatron_and_transformers(dist, checkpoints
     assert plan.global_shapes() == tensors
     assert {sharded_object_key(*o) for o in plan.extra_state_objects()} == set(objects)
 
-    results = {("lm", 1, 1): tp1}
+    # Two-rank layouts in one pool job; the VL checkpoint at TP1 is in the verify test below.
+    runs = [("lm", tp, pp) for tp, pp in LAYOUTS] + [("vl", 2, 1)]
     layouts = dist.run(
-        _logits_at_layouts, 2, [str(lm.megatron_dir), str(vl.megatron_dir)], input_ids
+        _logits_at_layouts,
+        2,
+        [(str(made[name].megatron_dir), tp, pp) for name, tp, pp in runs],
+        input_ids,
     )[0]
-    for (name, (tp, pp)), logits in zip(
-        [(n, layout) for n in ("lm", "vl") for layout in LAYOUTS], layouts, strict=True
-    ):
-        results[(name, tp, pp)] = logits
+    results = {("lm", 1, 1): tp1, **dict(zip(runs, layouts, strict=True))}
     for (name, tp, pp), logits in results.items():
         comparison = verify.compare_logits(made[name].logits, logits)
         assert comparison.max_abs_diff <= ATOL, (name, tp, pp, comparison.line())
@@ -213,8 +210,16 @@ def test_norm_offset_round_trips_exactly_from_one_half_up(dtype):
     assert torch.allclose(back, small, atol=float(torch.finfo(dtype).eps), rtol=0)
 
 
-def test_packed_sequences_through_gated_delta_net_on_cpu_are_refused_with_the_reason():
-    from megatron_eaft.models.cpu_specs import CpuGatedDeltaNet
+def test_packed_rows_through_gated_delta_net_are_refused_with_the_reason():
+    from megatron_eaft.models.cpu_specs import LocalGatedDeltaNet, fla_available
 
-    with pytest.raises(ValueError, match=r"packed \(THD\) sequences.*fla"):
-        CpuGatedDeltaNet.forward(object(), packed_seq_params=SimpleNamespace(qkv_format="thd"))
+    if not fla_available():
+        with pytest.raises(ValueError, match=r"packed \(THD\) sequences.*fla"):
+            LocalGatedDeltaNet.forward(
+                object(), None, packed_seq_params=SimpleNamespace(qkv_format="thd")
+            )
+    causal = torch.ones(4, 4, dtype=torch.bool).triu(1)[None, None]
+    block_diagonal = causal.clone()
+    block_diagonal[..., 2:, :2] = True  # two packed samples of two tokens
+    with pytest.raises(ValueError, match="block-diagonal attention mask"):
+        LocalGatedDeltaNet.forward(object(), None, block_diagonal)
