@@ -21,7 +21,12 @@ HF_SIDE_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
 )
+# Under hf/: HF tensors a family carries along unconverted (a vision tower, MTP heads), as
+# safetensors, written back by export byte-identical.
+CARRIED_TENSORS_DIR = "carried_tensors"
 
 
 def copy_side_files(source: Path, target: Path) -> list[str]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from megatron_eaft.convert.checkpoint import HF_SIDE_FILES, copy_side_files
+from megatron_eaft.convert.checkpoint import CARRIED_TENSORS_DIR, HF_SIDE_FILES, copy_side_files
 from megatron_eaft.convert.hf_io import (
     CONFIG_FILE,
     SAFETENSORS_INDEX,
@@ -44,8 +44,11 @@ from megatron_eaft.models.family import (
     DEFAULT_VOCAB_DIVISOR,
     EXPERT,
     LAYER,
+    LAYERS_PREFIX,
+    PLAIN_LAYOUT,
     Dims,
     HFConfig,
+    HFLayout,
     ModelFamily,
     PadVocab,
     Param,
@@ -115,21 +118,34 @@ def mismatch_error(
 
 @dataclass(frozen=True)
 class Unit:
-    """One Megatron chunk to convert: a row of the table at one layer and expert."""
+    """One conversion step: a row of the table at one layer and expert.
+
+    Most rows make one Megatron tensor; a splitting transform makes several (``keys``).
+    """
 
     param: Param
-    key: str
+    keys: tuple[str, ...]
     layer: int | None
     expert: int | None
     hf_names: tuple[str, ...]
     hf_shapes: tuple[Shape, ...]
-    shape: Shape  # this chunk's shape without the layer / expert axes
-    global_shape: Shape
+    shapes: tuple[Shape, ...]  # each key's chunk shape without the stacked layer / expert axes
+    global_shapes: tuple[Shape, ...]
+    prefix: tuple[int, ...]  # offsets along the stacked layer / expert axes
 
-    @property
-    def prefix(self) -> tuple[int, ...]:
-        """Offsets along the leading layer / expert axes."""
-        return tuple(i for i in (self.layer, self.expert) if i is not None)
+
+# Linear modules Megatron gives an ``_extra_state`` (FP8 metadata) besides ``linear_*``:
+# Gated DeltaNet's projections.
+_OTHER_LINEAR_MODULES = ("in_proj", "out_proj")
+
+
+def _linear_module(key: str) -> str | None:
+    """The linear module a weight key belongs to (``...linear_qkv.weight``), else None."""
+    module, found, _ = key.partition(".weight")
+    if not found:
+        return None
+    leaf = module.rpartition(".")[2]
+    return module if leaf.startswith("linear_") or leaf in _OTHER_LINEAR_MODULES else None
 
 
 @dataclass(frozen=True)
@@ -139,6 +155,9 @@ class ConversionPlan:
     dims: Dims
     transformer_impl: str
     params: tuple[Param, ...]
+    # Megatron-Core writes decoder.layers.{i}. keys (no stacked layer axis) when layers differ.
+    indexed_layers: bool = False
+    layout: HFLayout = PLAIN_LAYOUT
 
     def _rows(self, placement: str) -> list[Param]:
         if placement == "layers":
@@ -149,73 +168,92 @@ class ConversionPlan:
             return embedding
         return [p for p in rows if p not in embedding]
 
+    def layers_of(self, param: Param) -> list[int]:
+        return [i for i in range(self.dims.layers) if param.layers(self.hf, i)]
+
     def units(self) -> Iterator[Unit]:
         for param in self._rows("first"):
             yield self._unit(param, None, None)
         for layer in range(self.dims.layers):
             for param in self._rows("layers"):
+                if not param.layers(self.hf, layer):
+                    continue
                 experts = range(self.dims.experts) if param.per_expert else [None]
                 for expert in experts:
                     yield self._unit(param, layer, expert)
         for param in self._rows("last"):
             yield self._unit(param, None, None)
 
+    def megatron_keys(self, param: Param, layer: int | None) -> tuple[str, ...]:
+        keys = param.keys(self.transformer_impl)
+        if layer is None or not self.indexed_layers:
+            return keys
+        return tuple(f"{LAYERS_PREFIX}{layer}.{k[len(LAYERS_PREFIX) :]}" for k in keys)
+
     def _unit(self, param: Param, layer: int | None, expert: int | None) -> Unit:
         names = tuple(
-            n.replace(LAYER, str(layer)).replace(EXPERT, str(expert)) for n in param.hf_names
+            self.layout.hf_name(n.replace(LAYER, str(layer)).replace(EXPERT, str(expert)))
+            for n in param.hf_names
         )
         hf_shapes = tuple(self.dims.resolve(s) for s in param.hf_shapes)
-        shape = tuple(param.transform.megatron_shape(hf_shapes, self.dims))
-        leading = tuple(
-            n
-            for n, used in ((self.dims.layers, layer), (self.dims.experts, expert))
-            if used is not None
-        )
+        shapes = tuple(tuple(s) for s in param.transform.megatron_shapes(hf_shapes, self.dims))
+        stacked_layer = layer if not self.indexed_layers else None
+        axes = ((self.dims.layers, stacked_layer), (self.dims.experts, expert))
+        leading = tuple(n for n, used in axes if used is not None)
         return Unit(
             param=param,
-            key=param.key(self.transformer_impl),
+            keys=self.megatron_keys(param, layer),
             layer=layer,
             expert=expert,
             hf_names=names,
             hf_shapes=hf_shapes,
-            shape=shape,
-            global_shape=(*leading, *shape),
+            shapes=shapes,
+            global_shapes=tuple((*leading, *shape) for shape in shapes),
+            prefix=tuple(i for _, i in axes if i is not None),
         )
+
+    def _probe_units(self, param: Param) -> Iterator[Unit]:
+        """One unit per distinct Megatron key of the row (expert 0)."""
+        expert = 0 if param.per_expert else None
+        if not param.per_layer:
+            yield self._unit(param, None, None)
+        elif self.indexed_layers:
+            for layer in self.layers_of(param):
+                yield self._unit(param, layer, expert)
+        else:
+            yield self._unit(param, 0, expert)
 
     def global_shapes(self) -> dict[str, Shape]:
         shapes: dict[str, Shape] = {}
         for param in self.params:
-            probe = self._unit(
-                param, 0 if param.per_layer else None, 0 if param.per_expert else None
-            )
-            shapes[probe.key] = probe.global_shape
+            for probe in self._probe_units(param):
+                shapes.update(zip(probe.keys, probe.global_shapes, strict=True))
         return shapes
 
     def extra_state_objects(self) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
         """(key, offset, global shape) of each ``_extra_state`` Megatron's linear layers save.
 
         Megatron-Core's linear layers (local and Transformer Engine) carry an ``_extra_state``
-        (FP8 metadata; None without FP8) saved as one ShardedObject per layer (and expert).
+        (FP8 metadata; None without FP8) saved as one ShardedObject per layer (and expert):
+        stacked layers share a key with a [layer(, expert)] grid, per-layer keys have a
+        [1(, expert)] grid.
         """
         objects = []
         seen = set()
         for param in self.params:
-            key = param.key(self.transformer_impl)
-            module, _, leaf = key.rpartition(".")
-            if (
-                not param.per_layer
-                or leaf != "weight"
-                or not module.rpartition(".")[2].startswith("linear_")
-            ):
+            if not param.per_layer:
                 continue
-            if module in seen:
-                continue
-            seen.add(module)
-            shape = (
-                (self.dims.layers, self.dims.experts) if param.per_expert else (self.dims.layers,)
-            )
-            for index in _grid(shape):
-                objects.append((f"{module}._extra_state", index, shape))
+            for probe in self._probe_units(param):
+                for key in probe.keys:
+                    module = _linear_module(key)
+                    if module is None or module in seen:
+                        continue
+                    seen.add(module)
+                    shape = tuple(probe.global_shapes[0][: len(probe.prefix)])
+                    if self.indexed_layers:
+                        shape = (1, *shape)  # Megatron keeps a layer axis of one
+                    for index in _grid(shape):
+                        objects.append((f"{module}._extra_state", index, shape))
         return objects
 
     def expected_hf(self) -> dict[str, Shape]:
@@ -224,6 +262,7 @@ class ConversionPlan:
     def ignored_hf(self) -> set[str]:
         names = set()
         for pattern in self.family.ignored_hf(self.hf):
+            pattern = self.layout.hf_name(pattern)
             if LAYER in pattern:
                 names.update(pattern.replace(LAYER, str(i)) for i in range(self.dims.layers))
             else:
@@ -249,15 +288,27 @@ def plan_conversion(
     make_vocab_size_divisible_by: int = DEFAULT_VOCAB_DIVISOR,
 ) -> ConversionPlan:
     check_transformer_impl(transformer_impl)
-    hf = hf_config if isinstance(hf_config, HFConfig) else HFConfig(hf_config)
-    family.transformer_config_kwargs(hf)  # validates the config
+    hf = family.hf(hf_config)
+    indexed = family.indexed_layer_keys(hf)  # also validates the config
     dims = family.dims(hf)
     if padded_vocab is None:
         padded_vocab = padded_vocab_size(dims.vocab, make_vocab_size_divisible_by)
     if padded_vocab < dims.vocab:
         raise ValueError(f"padded vocab {padded_vocab} is smaller than vocab_size {dims.vocab}")
     dims = replace(dims, padded_vocab=padded_vocab)
-    return ConversionPlan(family, hf, dims, transformer_impl, family.active_params(hf))
+    params = family.active_params(hf)
+    if not indexed:
+        partial = [
+            p
+            for p in params
+            if p.per_layer and not all(p.layers(hf, i) for i in range(dims.layers))
+        ]
+        if partial:
+            raise ValueError(
+                f"{family.name}: rows {[p.key(transformer_impl) for p in partial]} apply to some "
+                "layers only, but Megatron-Core stacks these layers under one key"
+            )
+    return ConversionPlan(family, hf, dims, transformer_impl, params, indexed, family.layout(hf))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +357,11 @@ def check_hf_tensors(plan: ConversionPlan, reader: SafetensorsReader) -> None:
     expected = plan.expected_hf()
     ignored = plan.ignored_hf()
     missing = [n for n in expected if n not in reader.tensors]
-    unexpected = [n for n in reader.tensors if n not in expected and n not in ignored]
+    unexpected = [
+        n
+        for n in reader.tensors
+        if n not in expected and n not in ignored and not plan.layout.is_carried(n)
+    ]
     misshaped = [
         f"{n}: expected {list(shape)}, found {list(reader.tensors[n].shape)}"
         for n, shape in expected.items()
@@ -400,13 +455,14 @@ def import_hf_checkpoint(
                         if index + 1 < len(units):
                             reader.prefetch(units[index + 1].hf_names)
                         hf_tensors = [reader.read(n).to(target_dtype) for n in unit.hf_names]
-                        for row, piece in unit.param.transform.to_megatron(hf_tensors, plan.dims):
+                        pieces = unit.param.transform.to_megatron_outputs(hf_tensors, plan.dims)
+                        for output, row, piece in pieces:
                             offsets = (*unit.prefix, row, *([0] * (piece.dim() - 1)))
                             writer.write_chunk(
-                                unit.key,
+                                unit.keys[output],
                                 piece.reshape(*[1] * len(unit.prefix), *piece.shape),
                                 offsets,
-                                unit.global_shape,
+                                unit.global_shapes[output],
                             )
                         tensors += len(hf_tensors)
                         bar.update(sum(reader.tensors[n].nbytes for n in unit.hf_names))
@@ -428,7 +484,34 @@ def import_hf_checkpoint(
                 source=str(hf_dir.absolute()),
             ).write(tmp)
             copy_side_files(hf_dir, tmp / HF_FILES_DIR)
-    return ConversionSummary("import", tensors, total, time.perf_counter() - start, out_dir)
+            carried = carry_tensors(plan, reader, tmp / HF_FILES_DIR / CARRIED_TENSORS_DIR, fsync)
+    return ConversionSummary(
+        "import", tensors + carried, total, time.perf_counter() - start, out_dir
+    )
+
+
+def carry_tensors(
+    plan: ConversionPlan, reader: SafetensorsReader, directory: Path, fsync: bool
+) -> int:
+    """Store the HF tensors the family carries along (vision tower, MTP) byte-identical."""
+    names = [n for n in reader.tensors if plan.layout.is_carried(n)]
+    if not names:
+        return 0
+    # In file order, so the copy streams through each source file once.
+    names.sort(key=lambda n: (str(reader.tensors[n].path), reader.tensors[n].start))
+    planned = [PlannedTensor(n, reader.tensors[n].dtype, reader.tensors[n].shape) for n in names]
+    directory.mkdir(parents=True)
+    writer = SafetensorsShardWriter(
+        directory, plan_shards(planned, DEFAULT_MAX_SHARD_BYTES), fsync=fsync
+    )
+    try:
+        for name in names:
+            writer.write(name, reader.read(name))
+            reader.forget_sources()
+        writer.finish()
+    finally:
+        writer.close()
+    return len(names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,37 +578,55 @@ def export_megatron_checkpoint(
         plan = replace(plan, dims=replace(plan.dims, padded_vocab=stored_vocab))
     check_megatron_tensors(plan, reader)
     stored = reader.tensor_keys()
-    check_float_tensors(reader.directory, {unit.key: stored[unit.key][1] for unit in plan.units()})
+    check_float_tensors(
+        reader.directory, {key: stored[key][1] for unit in plan.units() for key in unit.keys}
+    )
     output = {"kind": HF_OUTPUT, "force": force, "inputs": [root]}
     out_dir = check_output_target(out_dir, **output)
 
     target_dtype = DTYPES[dtype] if dtype else None
     planned = [
-        PlannedTensor(name, target_dtype or stored[unit.key][1], shape)
+        PlannedTensor(name, target_dtype or stored[unit.keys[0]][1], shape)
         for unit in plan.units()
         for name, shape in zip(unit.hf_names, unit.hf_shapes, strict=True)
     ]
+    # Tensors carried along at import go back unchanged (their own dtype, whatever --dtype).
+    carried_dir = root / HF_FILES_DIR / CARRIED_TENSORS_DIR
+    carried = SafetensorsReader(carried_dir) if carried_dir.is_dir() else None
+    if carried is not None:
+        planned += [PlannedTensor(n, i.dtype, i.shape) for n, i in carried.tensors.items()]
     total = sum(t.nbytes for t in planned)
     with atomic_output_dir(out_dir, fsync=fsync, **output) as tmp:
         writer = SafetensorsShardWriter(tmp, plan_shards(planned, max_shard_bytes), fsync=fsync)
         try:
             with _progress(total, "export", progress) as bar:
                 for unit in plan.units():
-                    region = reader.read(
-                        unit.key,
-                        (*unit.prefix, *([0] * len(unit.shape))),
-                        (*([1] * len(unit.prefix)), *unit.shape),
-                    ).reshape(unit.shape)
+                    regions = [
+                        reader.read(
+                            key,
+                            (*unit.prefix, *([0] * len(shape))),
+                            (*([1] * len(unit.prefix)), *shape),
+                        ).reshape(shape)
+                        for key, shape in zip(unit.keys, unit.shapes, strict=True)
+                    ]
                     if target_dtype is not None:
-                        region = region.to(target_dtype)
-                    hf_tensors = unit.param.transform.to_hf(region, unit.hf_shapes, plan.dims)
+                        regions = [region.to(target_dtype) for region in regions]
+                    hf_tensors = unit.param.transform.to_hf_from_outputs(
+                        regions, unit.hf_shapes, plan.dims
+                    )
                     for name, tensor in zip(unit.hf_names, hf_tensors, strict=True):
                         writer.write(name, tensor)
                         bar.update(tensor.numel() * tensor.element_size())
-                    del region, hf_tensors
+                    del regions, hf_tensors
+                for name in carried.tensors if carried is not None else ():
+                    tensor = carried.read(name)
+                    writer.write(name, tensor)
+                    bar.update(tensor.numel() * tensor.element_size())
             writer.finish()
         finally:
             writer.close()
+            if carried is not None:
+                carried.close()
         written_dtype = target_dtype or (planned[0].dtype if planned else None)
         _write_hf_config(tmp / CONFIG_FILE, hf_config, written_dtype)
         side = root / HF_FILES_DIR

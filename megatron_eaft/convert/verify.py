@@ -66,10 +66,21 @@ def sample_inputs(
 
 
 def hf_logits(hf_dir: str | os.PathLike, input_ids: torch.Tensor) -> torch.Tensor:
-    """fp32 logits of the HF checkpoint (transformers, CPU)."""
-    from transformers import AutoModelForCausalLM
+    """fp32 logits of the HF checkpoint (transformers, CPU), for text-only input.
 
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    The model class is the one ``config.json`` names, so a vision-language checkpoint
+    (``Qwen3_5ForConditionalGeneration``) runs whole, with the text positions transformers
+    gives text-only input, and is compared on its language model's logits.
+    """
+    import transformers
+
+    from megatron_eaft.models.metadata import read_json_object
+
+    architectures = read_json_object(Path(hf_dir) / "config.json").get("architectures") or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if model_class is None:
+        model_class = transformers.AutoModelForCausalLM
+    model = model_class.from_pretrained(str(hf_dir), dtype=torch.float32)
     model.eval()
     with torch.no_grad():
         return model(input_ids=input_ids).logits.float()

@@ -59,6 +59,8 @@ _DIVISIBILITY = (
     ("tensor", "num_query_groups", "key/value heads (query groups; or a divisor of TP)"),
     ("tensor", "ffn_hidden_size", "MLP hidden size"),
     ("tensor", "moe_ffn_hidden_size", "expert MLP hidden size"),
+    ("tensor", "linear_num_key_heads", "linear-attention key heads"),
+    ("tensor", "linear_num_value_heads", "linear-attention value heads"),
     ("expert", "num_moe_experts", "experts"),
     ("pipeline", "num_layers", "layers"),
 )
@@ -141,7 +143,7 @@ def build_gpt_model(
         )
     return GPTModel(
         config=config,
-        transformer_layer_spec=family.layer_spec(config, transformer_impl),
+        transformer_layer_spec=family.decoder_spec(config, transformer_impl, vp_stage),
         vocab_size=padded,
         pre_process=pre_process,
         post_process=post_process,

@@ -11,7 +11,11 @@ so the converter itself never pays for (or needs) a Megatron import.
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -29,6 +33,8 @@ Shape = tuple[int, ...]
 # A shape written in a family file: dimension names of `Dims` (or products like "2*ffn").
 ShapeSpec = tuple[str | int, ...]
 
+logger = logging.getLogger(__name__)
+
 # Megatron-LM's default for --make-vocab-size-divisible-by.
 DEFAULT_VOCAB_DIVISOR = 128
 
@@ -38,33 +44,60 @@ class UnsupportedConfigError(ValueError):
 
 
 class HFConfig(Mapping[str, Any]):
-    """Read-only view of an HF ``config.json`` with errors that name the file and the key."""
+    """Read-only view of an HF ``config.json`` with errors that name the file and the key.
 
-    def __init__(self, data: Mapping[str, Any], source: str = "config.json"):
+    A key the file omits is read from ``defaults`` (a function, called once, on the first
+    such read): :meth:`ModelFamily.hf` passes transformers' own reading of the file, so
+    an omitted key means what it means to transformers (``Qwen3Config`` defaults
+    ``head_dim`` to 128, ``Qwen3MoeConfig`` has no ``head_dim`` and uses hidden / heads).
+    """
+
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        source: str = "config.json",
+        defaults: Callable[[], Mapping[str, Any]] | None = None,
+        family: str | None = None,
+    ):
         if not isinstance(data, Mapping):
             raise TypeError(f"{source}: expected a JSON object, got {type(data).__name__}")
         self._data = dict(data)
         self.source = source
+        self._defaults_fn = defaults
+        self._defaults: Mapping[str, Any] | None = None
+        # The family whose view this is (set by ModelFamily.hf, which is then idempotent).
+        self.family = family
+        # The whole config.json when this view is a sub-config of it (ModelFamily.hf).
+        self.root: dict[str, Any] = self._data
+
+    @property
+    def defaults(self) -> Mapping[str, Any]:
+        if self._defaults is None:
+            self._defaults = dict(self._defaults_fn()) if self._defaults_fn else {}
+        return self._defaults
 
     def __getitem__(self, key: str) -> Any:
-        return self._data[key]
+        if key in self._data:
+            return self._data[key]
+        return self.defaults[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._data)
+        return iter({**self.defaults, **self._data})
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len({**self.defaults, **self._data})
 
     def to_dict(self) -> dict[str, Any]:
+        """What the file says (without defaults)."""
         return dict(self._data)
 
     def require(self, key: str) -> Any:
-        if self._data.get(key) is None:
+        if self.get(key) is None:
             raise ValueError(f"{self.source}: required key {key!r} is missing")
-        return self._data[key]
+        return self[key]
 
     def integer(self, key: str, default: int | None = None) -> int:
-        value = self._data.get(key, default)
+        value = self.get(key, default)
         if value is None:
             raise ValueError(f"{self.source}: required key {key!r} is missing")
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -78,7 +111,7 @@ class HFConfig(Mapping[str, Any]):
 
     def reject_unless(self, key: str, allowed: Callable[[Any], bool], why: str) -> None:
         """Raise naming ``key`` when its value (possibly absent -> None) is not allowed."""
-        value = self._data.get(key)
+        value = self.get(key)
         if not allowed(value):
             raise self.unsupported(key, value, why)
 
@@ -87,9 +120,13 @@ class HFConfig(Mapping[str, Any]):
         """RoPE settings whether written the transformers-5 way or the older root-level way."""
         params = self._data.get("rope_parameters")
         if params is None:
-            params = dict(self._data.get("rope_scaling") or {})
-            if "rope_theta" in self._data:
-                params.setdefault("rope_theta", self._data["rope_theta"])
+            legacy = ("rope_scaling", "rope_theta")
+            if any(self._data.get(k) is not None for k in legacy):
+                params = dict(self._data.get("rope_scaling") or {})
+                if "rope_theta" in self._data:
+                    params.setdefault("rope_theta", self._data["rope_theta"])
+            else:
+                params = self.defaults.get("rope_parameters") or {}
         if not isinstance(params, Mapping):
             raise ValueError(f"{self.source}: 'rope_parameters' must be an object, got {params!r}")
         return dict(params)
@@ -126,6 +163,34 @@ class HFConfig(Mapping[str, Any]):
                 )
 
 
+def transformers_reading(class_name: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """Every field of transformers' config class ``class_name`` as it reads ``data``.
+
+    Keys the file omits get the class's defaults, and derived ones are derived the class's way
+    (``layer_types`` from ``full_attention_interval`` and ``num_hidden_layers``, a legacy
+    root-level ``partial_rotary_factor`` into ``rope_parameters``). Only configuration is
+    built, never a model. A file the class refuses gives no defaults: the family's own checks
+    then name the offending key.
+    """
+    key = json.dumps(dict(data), sort_keys=True, default=str)
+    return dict(_transformers_reading(class_name, key))
+
+
+@functools.lru_cache(maxsize=64)
+def _transformers_reading(class_name: str, data_json: str) -> tuple[tuple[str, Any], ...]:
+    import transformers
+
+    config_class = getattr(transformers, class_name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reading = config_class(**json.loads(data_json)).to_dict()
+    except Exception as exc:  # transformers raises many kinds for bad input
+        logger.debug("%s refuses the config (%s); no defaults from it", class_name, exc)
+        return ()
+    return tuple(reading.items())
+
+
 @dataclass(frozen=True)
 class Dims:
     """Sizes that family shape specs refer to by name."""
@@ -141,6 +206,8 @@ class Dims:
     moe_ffn: int = 0
     # Rows of the embedding / output layer as stored; set by the engine (>= vocab).
     padded_vocab: int = 0
+    # Further sizes a family's shapes name (e.g. Gated DeltaNet head counts), by name.
+    extra: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def q_dim(self) -> int:
@@ -159,7 +226,12 @@ class Dims:
         value = 1
         for factor in dim.split("*"):
             factor = factor.strip()
-            value *= int(factor) if factor.isdigit() else int(getattr(self, factor))
+            if factor.isdigit():
+                value *= int(factor)
+            elif factor in self.extra:
+                value *= int(self.extra[factor])
+            else:
+                value *= int(getattr(self, factor))
         return value
 
 
@@ -181,7 +253,11 @@ Piece = tuple[int, torch.Tensor]
 
 
 class Transform:
-    """How HF tensors map to one Megatron tensor; subclasses override the three methods."""
+    """How HF tensors map to one Megatron tensor; subclasses override the three methods.
+
+    A transform making several Megatron tensors from its HF tensors (a row of the table with a
+    tuple of keys) overrides the ``*_outputs`` methods instead.
+    """
 
     name = "transform"
 
@@ -195,6 +271,22 @@ class Transform:
         self, megatron: torch.Tensor, hf_shapes: Sequence[Shape], dims: Dims
     ) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    # -- several Megatron tensors: (output index, row, tensor) pieces --------------------
+
+    def megatron_shapes(self, hf_shapes: Sequence[Shape], dims: Dims) -> tuple[Shape, ...]:
+        return (tuple(self.megatron_shape(hf_shapes, dims)),)
+
+    def to_megatron_outputs(
+        self, hf: Sequence[torch.Tensor], dims: Dims
+    ) -> list[tuple[int, int, torch.Tensor]]:
+        return [(0, row, tensor) for row, tensor in self.to_megatron(hf, dims)]
+
+    def to_hf_from_outputs(
+        self, megatron: Sequence[torch.Tensor], hf_shapes: Sequence[Shape], dims: Dims
+    ) -> list[torch.Tensor]:
+        (tensor,) = megatron
+        return self.to_hf(tensor, hf_shapes, dims)
 
     def __repr__(self) -> str:
         return self.name
@@ -304,10 +396,114 @@ class PadVocab(Transform):
         return [megatron[: shape[0]]]
 
 
+class InterleaveGatedQKV(Transform):
+    """Gated attention: HF q_proj (per head [q_h; gate_h]), k, v -> Megatron's fused QKV.
+
+    With ``attention_output_gate`` Megatron lays out each query group as
+    ``[q heads; gate heads; k; v]`` (``SelfAttention.get_query_key_value_tensors``); HF's
+    ``q_proj`` holds 2 * heads * head_dim rows, head by head, each ``[query; gate]``.
+    """
+
+    name = "interleave_gated_qkv"
+
+    def megatron_shape(self, hf_shapes: Sequence[Shape], dims: Dims) -> Shape:
+        q, k, v = hf_shapes
+        return (q[0] + k[0] + v[0], *q[1:])
+
+    def to_megatron(self, hf: Sequence[torch.Tensor], dims: Dims) -> list[Piece]:
+        q_and_gate, k, v = hf
+        g, d, rest = dims.groups, dims.head_dim, q_and_gate.shape[1:]
+        per_head = q_and_gate.reshape(dims.heads, 2, d, *rest)
+        query = per_head[:, 0].reshape(g, -1, *rest)
+        gate = per_head[:, 1].reshape(g, -1, *rest)
+        fused = torch.cat(
+            (query, gate, k.reshape(g, d, *rest), v.reshape(g, d, *rest)), dim=1
+        ).reshape(-1, *rest)
+        return [(0, fused)]
+
+    def to_hf(
+        self, megatron: torch.Tensor, hf_shapes: Sequence[Shape], dims: Dims
+    ) -> list[torch.Tensor]:
+        g, d, rest = dims.groups, dims.head_dim, megatron.shape[1:]
+        q_rows = dims.heads // g * d
+        query, gate, k, v = torch.split(megatron.reshape(g, -1, *rest), [q_rows, q_rows, d, d], 1)
+        per_head = torch.stack(
+            (query.reshape(dims.heads, d, *rest), gate.reshape(dims.heads, d, *rest)), dim=1
+        )
+        return [per_head.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)]
+
+
+class SplitRows(Transform):
+    """One HF tensor -> several Megatron tensors, by consecutive row sections along dim 0.
+
+    ``sections`` are `Dims` names of each section's rows (e.g. Gated DeltaNet's
+    ``in_proj_qkv`` = [query; key; value] -> ``in_proj.weight.query`` / ``.key`` / ``.value``).
+    The row's ``megatron`` keys name the sections in the same order. Export concatenates them.
+    """
+
+    def __init__(self, *sections: str):
+        if len(sections) < 2:
+            raise ValueError("SplitRows needs at least two sections")
+        self.sections = sections
+        self.name = f"split_rows({', '.join(sections)})"
+
+    def _rows(self, dims: Dims) -> list[int]:
+        return [dims.resolve((s,))[0] for s in self.sections]
+
+    def megatron_shapes(self, hf_shapes: Sequence[Shape], dims: Dims) -> tuple[Shape, ...]:
+        (shape,) = hf_shapes
+        rows = self._rows(dims)
+        if sum(rows) != shape[0]:
+            raise ValueError(f"{self.name}: sections {rows} do not add up to {shape[0]} rows")
+        return tuple((r, *shape[1:]) for r in rows)
+
+    def to_megatron_outputs(
+        self, hf: Sequence[torch.Tensor], dims: Dims
+    ) -> list[tuple[int, int, torch.Tensor]]:
+        (tensor,) = hf
+        parts = torch.split(tensor, self._rows(dims), dim=0)
+        return [(index, 0, part) for index, part in enumerate(parts)]
+
+    def to_hf_from_outputs(
+        self, megatron: Sequence[torch.Tensor], hf_shapes: Sequence[Shape], dims: Dims
+    ) -> list[torch.Tensor]:
+        return [torch.cat(list(megatron), dim=0)]
+
+
+class NormOffset(Transform):
+    """A norm weight stored with an offset: Megatron's zero-centred gamma is HF's ``w - 1``.
+
+    Applies where HF keeps a plain ``w * x`` norm and Megatron (with
+    ``layernorm_zero_centered_gamma``) computes ``(1 + w) * x``. The offset is computed in
+    float64 and rounded once. Export recovers HF's value exactly whenever rounding ``w - 1``
+    lost nothing, which holds for every ``w >= 0.5`` (Sterbenz); below that the exported value
+    may differ by one unit in the last place.
+    """
+
+    def __init__(self, offset: float):
+        self.offset = offset
+        self.name = f"norm_offset({offset:+g})"
+
+    def megatron_shape(self, hf_shapes: Sequence[Shape], dims: Dims) -> Shape:
+        (shape,) = hf_shapes
+        return shape
+
+    def to_megatron(self, hf: Sequence[torch.Tensor], dims: Dims) -> list[Piece]:
+        (tensor,) = hf
+        return [(0, (tensor.double() + self.offset).to(tensor.dtype))]
+
+    def to_hf(
+        self, megatron: torch.Tensor, hf_shapes: Sequence[Shape], dims: Dims
+    ) -> list[torch.Tensor]:
+        return [(megatron.double() - self.offset).to(megatron.dtype)]
+
+
 COPY = Copy()
 CONCAT_ROWS = ConcatRows()
 INTERLEAVE_QKV = InterleaveQKV()
+INTERLEAVE_GATED_QKV = InterleaveGatedQKV()
 PAD_VOCAB = PadVocab()
+ZERO_CENTERED_NORM = NormOffset(-1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,25 +519,34 @@ def always(hf: HFConfig) -> bool:
     return True
 
 
+def every_layer(hf: HFConfig, layer: int) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Param:
-    """One Megatron checkpoint tensor and the HF tensors it is made of.
+    """One Megatron checkpoint tensor (or several) and the HF tensors it is made of.
 
-    megatron: the sharded-checkpoint key, as ``GPTModel.sharded_state_dict()`` names it (layer
-        keys have no layer index: homogeneous layers are stacked on a leading axis). A dict
-        ``{transformer_impl: key}`` where the local and Transformer Engine specs disagree.
+    megatron: the sharded-checkpoint key, as ``GPTModel.sharded_state_dict()`` names it, with
+        no layer index: homogeneous layers are stacked on a leading axis, and where
+        Megatron-Core writes one key per layer (layers that differ) the engine inserts the
+        index (``decoder.layers.3.``). A dict ``{transformer_impl: key}`` where the local and
+        Transformer Engine specs disagree; a tuple of keys for a transform that makes several
+        Megatron tensors from the HF tensors (``SplitRows``).
     hf: HF tensor name(s); ``{layer}`` and ``{expert}`` are expanded by the engine. Per-layer
         rows get a leading layer axis in Megatron, per-expert rows a [layer, expert] prefix.
     shapes: each HF tensor's shape in `Dims` names, checked before any data is read.
     transform: how the HF tensors become the Megatron tensor and back.
     when: whether the row applies to this config (e.g. only with untied embeddings).
+    layers: for per-layer rows, which layers have it (e.g. only the linear-attention ones).
     """
 
-    megatron: str | Mapping[str, str]
+    megatron: str | Mapping[str, str] | tuple[str, ...]
     hf: str | tuple[str, ...]
     shapes: ShapeSpec | tuple[ShapeSpec, ...]
     transform: Transform = COPY
     when: Callable[[HFConfig], bool] = always
+    layers: Callable[[HFConfig, int], bool] = every_layer
 
     def __post_init__(self) -> None:
         names = self.hf_names
@@ -351,7 +556,12 @@ class Param:
             raise ValueError(
                 f"{self.megatron}: {len(names)} HF names but shapes for {len(self.hf_shapes)}"
             )
-        keys = [self.megatron] if isinstance(self.megatron, str) else list(self.megatron.values())
+        if isinstance(self.megatron, str):
+            keys = [self.megatron]
+        elif isinstance(self.megatron, tuple):
+            keys = list(self.megatron)
+        else:
+            keys = list(self.megatron.values())
         for key in keys:
             if self.per_layer != key.startswith(LAYERS_PREFIX):
                 raise ValueError(
@@ -381,15 +591,22 @@ class Param:
     def per_expert(self) -> bool:
         return EXPERT in self.hf_names[0]
 
-    def key(self, transformer_impl: str) -> str:
+    def keys(self, transformer_impl: str) -> tuple[str, ...]:
+        """The Megatron keys this row makes, in the transform's output order."""
         if isinstance(self.megatron, str):
+            return (self.megatron,)
+        if isinstance(self.megatron, tuple):
             return self.megatron
         try:
-            return self.megatron[transformer_impl]
+            return (self.megatron[transformer_impl],)
         except KeyError:
             raise ValueError(
                 f"no checkpoint key for transformer_impl={transformer_impl!r} in {dict(self.megatron)}"
             ) from None
+
+    def key(self, transformer_impl: str) -> str:
+        """The one Megatron key of this row (the first of several)."""
+        return self.keys(transformer_impl)[0]
 
 
 def tied_embeddings(hf: HFConfig) -> bool:
@@ -482,6 +699,52 @@ def check_transformer_impl(transformer_impl: str) -> None:
 
 
 @dataclass(frozen=True)
+class HFLayout:
+    """Where an HF architecture keeps the language model the family table describes.
+
+    text_config: the ``config.json`` key of the language model's settings when they are a
+        sub-config (vision-language checkpoints: ``text_config``); ``top_level`` keys are
+        still read from the root (``tie_word_embeddings``, which transformers reads there).
+    renames: (table prefix, this layout's prefix) pairs applied to HF tensor names, e.g.
+        ``("model.", "model.language_model.")``.
+    carried: prefixes of HF tensors that are not converted but carried along byte-identical
+        (a vision tower, MTP heads): import stores them beside the Megatron checkpoint and
+        export writes them back.
+    """
+
+    text_config: str | None = None
+    top_level: tuple[str, ...] = ("tie_word_embeddings",)
+    renames: tuple[tuple[str, str], ...] = ()
+    carried: tuple[str, ...] = ()
+
+    def hf_name(self, table_name: str) -> str:
+        for prefix, replacement in self.renames:
+            if table_name.startswith(prefix):
+                return replacement + table_name[len(prefix) :]
+        return table_name
+
+    def is_carried(self, hf_name: str) -> bool:
+        return hf_name.startswith(self.carried) if self.carried else False
+
+
+PLAIN_LAYOUT = HFLayout()
+
+
+def indexed_layer_keys(config_kwargs: Mapping[str, Any]) -> bool:
+    """Whether Megatron-Core writes one checkpoint key per layer (``decoder.layers.{i}.``).
+
+    Mirrors ``TransformerBlock.sharded_state_dict`` (megatron-core 0.19): layers that differ
+    (an MoE layer frequency or a linear-attention frequency above 1, or given as a list)
+    are saved per layer, without the stacked layer axis.
+    """
+    for name in ("moe_layer_freq", "linear_attention_freq"):
+        value = config_kwargs.get(name)
+        if isinstance(value, list) or (isinstance(value, int) and value > 1):
+            return True
+    return bool(config_kwargs.get("heterogeneous_block_specs"))
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     """A model family: config mapping + parameter table (+ layer spec, when not Megatron's).
 
@@ -493,8 +756,16 @@ class ModelFamily:
     dims: HF config -> sizes the table's shapes use.
     gpt_model_kwargs: HF config -> GPTModel arguments (rotary settings, tied embeddings, ...).
     layer_spec_fn: (TransformerConfig, transformer_impl) -> layer ModuleSpec.
+    block_spec_fn: (TransformerConfig, transformer_impl, vp_stage) -> decoder block spec
+        (``TransformerBlockSubmodules``), for decoders whose layers differ; used instead of
+        ``layer_spec_fn`` when given.
     ignored_hf: HF tensor names (with {layer}) that may be present and are not converted, e.g.
         ``lm_head.weight`` saved alongside tied embeddings.
+    hf_config_class: transformers' config class for the (text) config; keys a config.json
+        omits are read as that class reads them (its defaults, its derived fields).
+    layouts: per architecture, where the language model sits (`HFLayout`); default: plain.
+    megatron_config_class: the ``megatron.core.transformer`` config class to build
+        (``TransformerConfig``; ``MLATransformerConfig`` for multi-latent attention).
     """
 
     name: str
@@ -504,10 +775,48 @@ class ModelFamily:
     dims: Callable[[HFConfig], Dims] = llama_like_dims
     gpt_model_kwargs: Callable[[HFConfig], dict[str, Any]] = rope_gpt_model_kwargs
     layer_spec_fn: Callable[[Any, str], Any] = megatron_gpt_layer_spec
+    block_spec_fn: Callable[[Any, str, int | None], Any] | None = None
     ignored_hf: Callable[[HFConfig], tuple[str, ...]] = field(default=lambda hf: ())
+    hf_config_class: str | None = None
+    layouts: Mapping[str, HFLayout] = field(default_factory=dict)
+    megatron_config_class: str = "TransformerConfig"
+
+    def layout(self, hf_config: Mapping[str, Any] | HFConfig) -> HFLayout:
+        """The `HFLayout` of the config's architecture (read from the file's root)."""
+        raw = hf_config.root if isinstance(hf_config, HFConfig) else hf_config
+        architectures = raw.get("architectures") or ()
+        for architecture in architectures:
+            if architecture in self.layouts:
+                return self.layouts[architecture]
+        return PLAIN_LAYOUT
 
     def hf(self, hf_config: Mapping[str, Any] | HFConfig) -> HFConfig:
-        return hf_config if isinstance(hf_config, HFConfig) else HFConfig(hf_config)
+        """The language model's config as this family reads it (sub-config, defaults)."""
+        if isinstance(hf_config, HFConfig) and hf_config.family == self.name:
+            return hf_config
+        if isinstance(hf_config, HFConfig):
+            raw, source = hf_config.root, hf_config.source
+        else:
+            raw, source = dict(hf_config), "config.json"
+        layout = self.layout(raw)
+        data = raw
+        if layout.text_config is not None:
+            text = raw.get(layout.text_config)
+            if not isinstance(text, Mapping):
+                raise ValueError(
+                    f"{source}: {raw.get('architectures')} keeps the language model's settings "
+                    f"under {layout.text_config!r}, which is missing or not an object"
+                )
+            data = {**text, **{k: raw[k] for k in layout.top_level if k in raw}}
+            source = f"{source}:{layout.text_config}"
+        defaults = (
+            functools.partial(transformers_reading, self.hf_config_class, data)
+            if self.hf_config_class
+            else None
+        )
+        view = HFConfig(data, source, defaults=defaults, family=self.name)
+        view.root = dict(raw)
+        return view
 
     def active_params(self, hf_config: Mapping[str, Any]) -> tuple[Param, ...]:
         hf = self.hf(hf_config)
@@ -516,6 +825,10 @@ class ModelFamily:
     def transformer_config_kwargs(self, hf_config: Mapping[str, Any]) -> dict[str, Any]:
         """The family's TransformerConfig arguments; validates the config on the way."""
         return self.config(self.hf(hf_config))
+
+    def indexed_layer_keys(self, hf_config: Mapping[str, Any]) -> bool:
+        """Whether the checkpoint has per-layer keys (``decoder.layers.{i}.``), not stacked."""
+        return indexed_layer_keys(self.transformer_config_kwargs(hf_config))
 
     def transformer_config(
         self,
@@ -527,9 +840,13 @@ class ModelFamily:
         ep: int = 1,
         **overrides: Any,
     ) -> TransformerConfig:
-        from megatron.core.transformer import TransformerConfig
+        from megatron.core import transformer
 
         kwargs = self.transformer_config_kwargs(hf_config)
+        if kwargs.get("experimental_attention_variant") == "gated_delta_net":
+            from megatron_eaft.models.cpu_specs import gated_delta_net_runtime_settings
+
+            kwargs.update(gated_delta_net_runtime_settings())
         kwargs.update(
             params_dtype=params_dtype,
             bf16=params_dtype == torch.bfloat16,
@@ -540,18 +857,38 @@ class ModelFamily:
             pipeline_dtype=params_dtype,
         )
         kwargs.update(overrides)
-        return TransformerConfig(**kwargs)
+        return getattr(transformer, self.megatron_config_class)(**kwargs)
 
     def layer_spec(self, config: TransformerConfig, transformer_impl: str = "local") -> ModuleSpec:
         check_transformer_impl(transformer_impl)
         return self.layer_spec_fn(config, transformer_impl)
 
+    def decoder_spec(
+        self,
+        config: TransformerConfig,
+        transformer_impl: str = "local",
+        vp_stage: int | None = None,
+    ) -> Any:
+        """What ``GPTModel(transformer_layer_spec=...)`` takes: the block spec of this
+        pipeline stage where the family has one, else the layer spec."""
+        check_transformer_impl(transformer_impl)
+        if self.block_spec_fn is not None:
+            return self.block_spec_fn(config, transformer_impl, vp_stage)
+        return self.layer_spec_fn(config, transformer_impl)
 
-def swiglu_rmsnorm_decoder_config(hf: HFConfig, dims: Dims) -> dict[str, Any]:
-    """TransformerConfig arguments shared by pre-norm RMSNorm + SwiGLU decoders (Llama, Qwen)."""
+
+def swiglu_rmsnorm_decoder_config(
+    hf: HFConfig, dims: Dims, *, full_attention_only: bool = True
+) -> dict[str, Any]:
+    """TransformerConfig arguments shared by pre-norm RMSNorm + SwiGLU decoders (Llama, Qwen).
+
+    ``full_attention_only``: refuse configs with other kinds of attention layers (families
+    that map ``layer_types`` themselves pass False).
+    """
     hf.reject_unless("hidden_act", lambda v: v in (None, "silu"), "only SiLU-gated MLPs convert")
     hf.require_plain_rope()
-    hf.require_full_attention()
+    if full_attention_only:
+        hf.require_full_attention()
     return {
         "num_layers": dims.layers,
         "hidden_size": dims.hidden,

@@ -99,7 +99,8 @@ class ModelMetadata:
     @property
     def vocab_size(self) -> int:
         """The tokenizer's vocabulary (HF ``vocab_size``); rows beyond it are padding."""
-        return self.model_family.dims(self.hf()).vocab
+        family = self.model_family
+        return family.dims(family.hf(self.hf())).vocab
 
     def padded_vocab_for_tp(self, tensor_parallel: int) -> int:
         """The stored padded vocab when TP divides it, else Megatron-LM's padding for this TP."""

@@ -210,3 +210,17 @@ def test_vocab_padding_is_zeros_and_cut_on_export():
     assert not pieces[1][1].any()
     full = torch.cat([t for _, t in pieces])
     assert torch.equal(PAD_VOCAB.to_hf(full, [(5, 2)], DIMS)[0], embedding)
+
+
+def test_omitted_head_dim_means_what_it_means_to_transformers():
+    # Qwen3MoeConfig has no head_dim (attention is hidden / heads wide); Qwen3Config defaults
+    # it to 128. Both are read from transformers' own config classes.
+    moe = _with("qwen3_moe")
+    del moe["head_dim"]
+    family = family_for_hf_config(moe)
+    assert family.transformer_config_kwargs(moe)["kv_channels"] == 64 // 4
+    q_proj = plan_conversion(family, moe).expected_hf()["model.layers.0.self_attn.q_proj.weight"]
+    assert q_proj == (64, 64)
+    dense = _with("qwen3_untied")
+    del dense["head_dim"]
+    assert family_for_hf_config(dense).transformer_config_kwargs(dense)["kv_channels"] == 128

@@ -41,14 +41,28 @@ loops and no I/O, only:
      and output layer rows zero-padded to the padded vocab, cut back on export). New
      transforms subclass ``Transform`` in ``family.py`` with an exact inverse.
    * ``when``: ``(hf: HFConfig) -> bool``; e.g. ``untied_embeddings`` for ``output_layer``.
+   * ``layers``: ``(hf, layer) -> bool``: which layers have the row, for decoders whose layers
+     differ (Gated DeltaNet rows only on ``linear_attention`` layers). Megatron-Core then
+     writes one key per layer (``decoder.layers.{i}.``, no stacked axis) whenever the config
+     says layers differ (``linear_attention_freq`` / ``moe_layer_freq`` as a list or above 1),
+     and the engine does the same (``indexed_layer_keys``).
+   * More transforms: ``SplitRows(*sections)`` (one HF tensor -> several Megatron keys by row
+     sections; the row's ``megatron`` is then a tuple of keys), ``INTERLEAVE_GATED_QKV``
+     (gated attention: HF ``q_proj`` per head [q; gate] -> [queries; gates; k; v] per group),
+     ``ZERO_CENTERED_NORM`` (a plain HF norm weight ``w`` stored as Megatron's ``w - 1``).
 
 4. Optional: ``dims`` (HF config -> ``Dims``; default reads the Llama/Qwen key names),
    ``gpt_model_kwargs`` (HF config -> GPTModel arguments: rotary base/percent, tied
    embeddings; default ``rope_gpt_model_kwargs``), ``layer_spec_fn`` ((TransformerConfig,
    transformer_impl) -> ModuleSpec; default Megatron-Core's local / Transformer Engine GPT
-   spec; a family with its own layer module supplies one that builds both), ``ignored_hf``
-   (HF names that may be present but are not converted, e.g. ``lm_head.weight`` next to tied
-   embeddings).
+   spec; a family with its own layer module supplies one that builds both), ``block_spec_fn``
+   ((TransformerConfig, transformer_impl, vp_stage) -> decoder block spec, for hybrid decoders),
+   ``ignored_hf`` (HF names that may be present but are not converted, e.g. ``lm_head.weight``
+   next to tied embeddings), ``hf_config_class`` (transformers' config class: keys a
+   config.json omits are read as transformers reads them), ``layouts`` (per architecture, an
+   ``HFLayout``: the language model's sub-config and tensor prefix in vision-language
+   checkpoints, and the tensors carried through unconverted) and ``megatron_config_class``
+   (``TransformerConfig`` or e.g. ``MLATransformerConfig``).
 
 The engine derives everything else: which HF tensors must exist (missing / unexpected /
 mis-shaped ones are reported together), global shapes and chunks per layer and expert, the

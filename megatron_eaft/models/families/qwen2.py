@@ -93,4 +93,5 @@ FAMILY = ModelFamily(
     config=qwen2_config,
     params=(*EMBEDDINGS, *ATTENTION, QKV_BIAS, *DENSE_MLP),
     ignored_hf=lm_head_beside_tied_embeddings,
+    hf_config_class="Qwen2Config",
 )

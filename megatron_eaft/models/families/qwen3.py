@@ -1,6 +1,7 @@
 """Qwen3 dense (`Qwen3ForCausalLM`): Qwen2 without q/k/v biases, plus per-head q/k RMSNorm.
 
-`head_dim` is its own setting (128 for every released size, != hidden / heads for 4B and 32B).
+`head_dim` is its own setting (128 for every released size, != hidden / heads for 4B and 32B;
+transformers' `Qwen3Config` defaults it to 128 where config.json is silent).
 """
 
 from __future__ import annotations
@@ -22,20 +23,12 @@ from megatron_eaft.models.family import (
     swiglu_rmsnorm_decoder_config,
 )
 
-QWEN3_DEFAULT_HEAD_DIM = 128
-
-
-def qwen3_dims(hf: HFConfig):
-    # transformers' Qwen3Config defaults head_dim to 128 rather than hidden / heads.
-    with_head_dim = {**hf.to_dict(), "head_dim": hf.get("head_dim") or QWEN3_DEFAULT_HEAD_DIM}
-    return llama_like_dims(HFConfig(with_head_dim, hf.source))
-
 
 def qwen3_config(hf: HFConfig) -> dict[str, Any]:
     # attention_bias would add a bias to o_proj too; Megatron's add_bias_linear would then add
     # one to every linear layer, which Qwen3 does not have.
     hf.reject_unless("attention_bias", lambda v: not v, "biases on Qwen3 attention projections")
-    return {**swiglu_rmsnorm_decoder_config(hf, qwen3_dims(hf)), "qk_layernorm": True}
+    return {**swiglu_rmsnorm_decoder_config(hf, llama_like_dims(hf)), "qk_layernorm": True}
 
 
 QK_NORMS = (
@@ -55,7 +48,7 @@ FAMILY = ModelFamily(
     name="qwen3",
     architectures=("Qwen3ForCausalLM",),
     config=qwen3_config,
-    dims=qwen3_dims,
     params=(*EMBEDDINGS, *ATTENTION, *QK_NORMS, *DENSE_MLP),
     ignored_hf=lm_head_beside_tied_embeddings,
+    hf_config_class="Qwen3Config",
 )

@@ -24,14 +24,14 @@ from megatron_eaft.models.families.qwen2 import (
     L,
     lm_head_beside_tied_embeddings,
 )
-from megatron_eaft.models.families.qwen3 import QK_NORMS, qwen3_config, qwen3_dims
-from megatron_eaft.models.family import CONCAT_ROWS, HFConfig, ModelFamily, Param
+from megatron_eaft.models.families.qwen3 import QK_NORMS, qwen3_config
+from megatron_eaft.models.family import CONCAT_ROWS, HFConfig, ModelFamily, Param, llama_like_dims
 
 E = "mlp.experts.{expert}."
 
 
 def qwen3_moe_config(hf: HFConfig) -> dict[str, Any]:
-    dims = qwen3_dims(hf)
+    dims = llama_like_dims(hf)
     if dims.experts < 1:
         raise hf.unsupported("num_experts", dims.experts, "a MoE config needs experts")
     hf.reject_unless("decoder_sparse_step", lambda v: v in (None, 1), "only all-MoE layers convert")
@@ -85,7 +85,8 @@ FAMILY = ModelFamily(
     name="qwen3_moe",
     architectures=("Qwen3MoeForCausalLM",),
     config=qwen3_moe_config,
-    dims=qwen3_dims,
     params=(*EMBEDDINGS, *ATTENTION, *QK_NORMS, *MOE_MLP),
     ignored_hf=lm_head_beside_tied_embeddings,
+    # Qwen3MoeConfig has no head_dim: a config.json without one means hidden / heads.
+    hf_config_class="Qwen3MoeConfig",
 )
