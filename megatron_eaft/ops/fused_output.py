@@ -20,9 +20,8 @@ in the forward pass because the per-token upstream gradient is only known here) 
 gradient-accumulation fusion provides one). ``grad_hidden`` is this rank's partial sum over its
 vocabulary shard; the caller reduces it over TP as ColumnParallelLinear's backward does.
 
-Extra memory: O(C x V/TP) for one chunk's logits, plus, for a bf16/fp16 weight, one fp32
-weight-sized gradient accumulator during backward when no ``main_grad`` is given and, on CPU
-only, one weight-sized bf16 buffer for the per-chunk weight-gradient GEMM.
+Extra memory: O(C x V/TP) for one chunk's logits, plus, for a bf16/fp16 weight without a
+``main_grad``, one fp32 weight-sized gradient accumulator during backward.
 """
 
 from __future__ import annotations
@@ -111,11 +110,11 @@ class _FusedOutputWeightedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def accumulate_weight_grad_(
         accumulator: torch.Tensor,
+        grad_fp32: torch.Tensor,
         grad: torch.Tensor,
         hidden_chunk: torch.Tensor,
-        buffer: list[torch.Tensor],
     ) -> None:
-        """accumulator += grad^T @ hidden_chunk, summed over chunks in fp32."""
+        """accumulator += grad^T @ hidden_chunk with fp32 accumulation across chunks."""
         if grad.dtype == accumulator.dtype:
             accumulator.addmm_(grad.t(), hidden_chunk)
         elif accumulator.is_cuda:
@@ -123,13 +122,7 @@ class _FusedOutputWeightedCrossEntropy(torch.autograd.Function):
             # wgrad_gemm_accum_fp32 does for main_grad, without an fp32 copy of the operands.
             torch.addmm(accumulator, grad.t(), hidden_chunk, accumulator.dtype, out=accumulator)
         else:
-            # CPU has no mixed-dtype GEMM, and fp32 GEMMs run ~5x slower than bf16 ones there:
-            # a bf16 GEMM per chunk into one reused weight-sized buffer (the size of the
-            # unfused path's weight.grad), then an fp32 add.
-            if not buffer:
-                buffer.append(torch.empty(accumulator.shape, dtype=grad.dtype, device=grad.device))
-            torch.mm(grad.t(), hidden_chunk, out=buffer[0])
-            accumulator.add_(buffer[0])
+            accumulator.addmm_(grad_fp32.t(), hidden_chunk.to(accumulator.dtype))
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -202,18 +195,17 @@ class _FusedOutputWeightedCrossEntropy(torch.autograd.Function):
             if accumulator is None:
                 accumulator = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         tokens = hidden.size(0)
-        buffer: list[torch.Tensor] = []
         for start in range(0, tokens, ctx.chunk_tokens):
             rows = slice(start, min(start + ctx.chunk_tokens, tokens))
             hidden_chunk = hidden[rows]
             logits = fn.chunk_logits(hidden_chunk, weight)
-            grad = fn.chunk_grad_logits(logits, lse[rows], target[rows], scale[rows], rank)
+            grad_fp32 = fn.chunk_grad_logits(logits, lse[rows], target[rows], scale[rows], rank)
             del logits
-            grad = grad.to(hidden.dtype)
+            grad = grad_fp32.to(hidden.dtype)
             if grad_hidden is not None:
                 torch.mm(grad, weight, out=grad_hidden[rows])
             if accumulator is not None:
-                fn.accumulate_weight_grad_(accumulator, grad, hidden_chunk, buffer)
+                fn.accumulate_weight_grad_(accumulator, grad_fp32, grad, hidden_chunk)
         grad_weight = None
         if accumulator is not None:
             if ctx.main_grad is not None:
