@@ -10,18 +10,34 @@ Megatron's own method back. The per-token statistics ride on the returned loss t
 :class:`EAFTForwardStep` is a forward step with Megatron's signature
 ``(data_iterator, model) -> (output_tensor, loss_func)``; it installs the loss on first use,
 so it drops into Megatron-LM's ``pretrain()`` and Megatron-Bridge's ``finetune()`` as is.
+
+With ``fused_output`` the main head skips the logits: the seam also shadows
+``GPTModel._postprocess`` on the instance so that, whenever labels are given outside inference,
+it passes Megatron's ``output_processor`` hook (0.19: called with the decoder's hidden states,
+the output layer and the tied weight, in place of ``output_layer`` + ``compute_language_model_
+loss``). Both the plain forward and the combined-1F1B schedule plan go through ``_postprocess``.
+The processor gathers the hidden states over TP as ColumnParallelLinear does and calls
+:func:`megatron_eaft.ops.fused_output_weighted_cross_entropy`. Multi-token-prediction heads run
+before it inside ``process_mtp_loss`` and keep the unfused seam (Megatron derives their
+acceptance counts from their logits).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import inspect
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
 import torch
 
-from megatron_eaft.ops import EAFTConfig, TokenLoss, vocab_parallel_weighted_cross_entropy
+from megatron_eaft.ops import (
+    EAFTConfig,
+    TokenLoss,
+    fused_output_weighted_cross_entropy,
+    vocab_parallel_weighted_cross_entropy,
+)
 from megatron_eaft.ops.vocab_parallel import normalised_entropy
 from megatron_eaft.ops.weighting import confident_conflicts
 
@@ -61,6 +77,7 @@ class EAFTLossHandle:
         if self.model.__dict__.get("_eaft_handle") is not self:
             return
         self.model.__dict__.pop("compute_language_model_loss", None)
+        self.model.__dict__.pop("_postprocess", None)
         del self.model._eaft_handle
 
 
@@ -80,6 +97,8 @@ def install_eaft_loss(model: torch.nn.Module, config: EAFTConfig) -> EAFTLossHan
     if previous is not None:
         previous.remove()
     handle = EAFTLossHandle(core, config)
+    if config.fused_output:
+        _install_fused_output(core, config)
     core._eaft_handle = handle
     if config.kind == "sft" and not config.diagnostics:
         return handle
@@ -112,6 +131,132 @@ def install_eaft_loss(model: torch.nn.Module, config: EAFTConfig) -> EAFTLossHan
         sft_with_diagnostics if config.kind == "sft" else compute_language_model_loss
     )
     return handle
+
+
+def _install_fused_output(core: torch.nn.Module, config: EAFTConfig) -> None:
+    """Shadow ``_postprocess`` so that it hands the main head to the fused processor."""
+    postprocess = getattr(core, "_postprocess", None)
+    signature = None if postprocess is None else inspect.signature(postprocess)
+    if signature is None or "output_processor" not in signature.parameters:
+        raise TypeError(
+            f"eaft fused_output needs a Megatron-Core GPTModel whose _postprocess takes "
+            f"output_processor (Megatron-Core >= 0.19); {type(core).__name__} has none"
+        )
+    model_config = getattr(core, "config", None)
+    if getattr(model_config, "use_mup", False):
+        raise ValueError("eaft fused_output does not apply MuP's output scaling: turn one off")
+    if getattr(core, "post_process", False):
+        _check_fused_output_layer(core.output_layer, model_config)
+    processor = partial(fused_output_processor, eaft_config=config, tp_group=_tp_group(core))
+
+    def _postprocess(*args: Any, **kwargs: Any) -> Any:
+        from megatron.core.inference.utils import InferenceMode
+
+        bound = signature.bind(*args, **kwargs)
+        arguments = bound.arguments
+        if (
+            arguments.get("output_processor") is None
+            and arguments.get("labels") is not None
+            and not InferenceMode.is_active()
+        ):
+            arguments["output_processor"] = processor
+        return postprocess(*bound.args, **bound.kwargs)
+
+    core._postprocess = _postprocess
+
+
+def _check_fused_output_layer(output_layer: torch.nn.Module, model_config: Any) -> None:
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    problems = []
+    if not isinstance(output_layer, ColumnParallelLinear):
+        problems.append(f"the output layer is a {type(output_layer).__name__}")
+    if getattr(model_config, "defer_embedding_wgrad_compute", False):
+        problems.append("defer_embedding_wgrad_compute is on")
+    if getattr(output_layer, "gtp_remat_size", 1) > 1:
+        problems.append("the output weight is rematerialised (generalized TP)")
+    if getattr(output_layer, "bias", None) is not None:
+        problems.append("the output layer has a bias")
+    if problems:
+        raise ValueError(
+            "eaft fused_output replaces a plain ColumnParallelLinear output layer, but "
+            + "; ".join(problems)
+        )
+
+
+def output_layer_input(hidden_states: torch.Tensor, output_layer: torch.nn.Module, tp_group):
+    """The hidden states as ColumnParallelLinear feeds them to its GEMM: all-gathered over
+    sequence parallelism (reduce-scatter in backward), else all-reduced in backward."""
+    from megatron.core.tensor_parallel.mappings import (
+        copy_to_tensor_model_parallel_region,
+        gather_from_sequence_parallel_region,
+    )
+
+    if getattr(output_layer, "sequence_parallel", False):
+        return gather_from_sequence_parallel_region(
+            hidden_states, tensor_parallel_output_grad=True, group=tp_group
+        )
+    if getattr(output_layer, "disable_grad_reduce", False):
+        return hidden_states
+    return copy_to_tensor_model_parallel_region(hidden_states, group=tp_group)
+
+
+def megatron_wgrad_placeholder(weight: torch.Tensor) -> torch.Tensor | None:
+    """What Megatron's linear returns for a weight whose gradient went into main_grad: with
+    DDP (grad_added_to_main_grad exists) a dummy, zeros for a weight shared with the
+    embedding (zero_out_wgrad: DDP then adds .grad, the embedding's part, to main_grad)."""
+    if not hasattr(weight, "grad_added_to_main_grad"):
+        return None
+    make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+    placeholder = make(weight.main_grad.shape, dtype=weight.dtype, device=weight.device)
+    weight.grad_added_to_main_grad = True
+    return placeholder
+
+
+def _weight_grad_sink(
+    weight: torch.Tensor, output_layer: torch.nn.Module
+) -> tuple[torch.Tensor | None, Callable[[torch.Tensor], torch.Tensor | None]]:
+    if (
+        getattr(output_layer, "gradient_accumulation_fusion", False)
+        and weight.requires_grad
+        and getattr(weight, "main_grad", None) is not None
+    ):
+        return weight.main_grad, megatron_wgrad_placeholder
+    return None, lambda _: None
+
+
+def fused_output_processor(
+    *,
+    hidden_states: torch.Tensor,
+    output_layer: torch.nn.Module,
+    output_weight: torch.Tensor | None,
+    labels: torch.Tensor,
+    eaft_config: EAFTConfig,
+    tp_group,
+    **unused: Any,
+) -> torch.Tensor:
+    """GPTModel's ``output_processor``: the per-token loss [b, s] of the main head, as
+    ``compute_language_model_loss`` returns it, with ``eaft_stats`` on it."""
+    weight = output_layer.weight if output_weight is None else output_weight
+    hidden = output_layer_input(hidden_states, output_layer, tp_group)
+    main_grad, placeholder = _weight_grad_sink(weight, output_layer)
+    out = fused_output_weighted_cross_entropy(
+        hidden,
+        weight,
+        labels.transpose(0, 1).contiguous(),
+        eaft_config,
+        tp_group,
+        chunk_tokens=eaft_config.fused_chunk_tokens or None,
+        chunk_memory_bytes=eaft_config.fused_chunk_memory_mib << 20,
+        main_grad=main_grad,
+        main_grad_placeholder=placeholder,
+    )
+    per_token = TokenLoss(*(t.transpose(0, 1).contiguous() for t in out))
+    loss = per_token.loss
+    if eaft_config.kind != "sft" or eaft_config.diagnostics:
+        # Without diagnostics, kind sft reports what Megatron's own loss does (no statistics).
+        loss.eaft_stats = per_token
+    return loss
 
 
 def installed_config(model: torch.nn.Module) -> EAFTConfig | None:
@@ -154,7 +299,8 @@ def eaft_loss_func(
             "eaft/mean_weight": _pair((stats.weight.reshape(-1) * mask).sum(), num_tokens),
         }
         entropy = stats.entropy.reshape(-1)
-        if not torch.isnan(entropy).all():
+        # Decided by the configuration, not by reading the entropy: no host sync here.
+        if config.needs_entropy:
             conflicts = confident_conflicts(config, entropy, stats.target_prob.reshape(-1))
             report["eaft/mean_entropy"] = _pair((entropy * mask).sum(), num_tokens)
             report["eaft/confident_conflict_frac"] = _pair(

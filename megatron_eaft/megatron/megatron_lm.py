@@ -62,11 +62,18 @@ def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
-def _int_at_least_2(text: str) -> int:
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 2, got {text}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+_int_at_least_2 = _int_at_least(2)
 
 
 def _non_negative(text: str) -> float:
@@ -152,7 +159,33 @@ EAFT_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     (
         "--eaft-check-finite",
         "check_finite",
-        {"action": _BOOLEAN, "help": "Raise on NaN/Inf logits (one sync per micro-batch)."},
+        {
+            "action": _BOOLEAN,
+            "help": "Raise on NaN/+inf logits or rows without a finite logit (one sync per "
+            "micro-batch; -inf alone is a legal masked-out logit).",
+        },
+    ),
+    (
+        "--eaft-fused-output",
+        "fused_output",
+        {
+            "action": _BOOLEAN,
+            "help": "Output layer and loss in one, a chunk of tokens at a time: the logits of "
+            "the micro-batch are never materialised.",
+        },
+    ),
+    (
+        "--eaft-fused-chunk-tokens",
+        "fused_chunk_tokens",
+        {
+            "type": _int_at_least(0),
+            "help": "Tokens per chunk of --eaft-fused-output (0: from the memory budget).",
+        },
+    ),
+    (
+        "--eaft-fused-chunk-memory-mib",
+        "fused_chunk_memory_mib",
+        {"type": _int_at_least(1), "help": "Memory budget of one fused chunk's logits (MiB)."},
     ),
 )
 FLAG_FIELDS: dict[str, str] = {flag: field for flag, field, _ in EAFT_FLAGS}

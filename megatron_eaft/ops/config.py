@@ -33,8 +33,15 @@ class EAFTConfig:
         p(y_t) < conflict_prob_threshold (diagnostic only, never changes the loss).
     diagnostics: compute entropy even when the kind does not need it (sft, dft), so runs of
         every kind report the same scalars.
-    check_finite: raise if any logit is NaN or +-inf (one device sync per call).
+    check_finite: raise if any logit is NaN or +inf, or a row has no finite logit (-inf alone
+        is a legal masked-out logit); one device sync per call.
     ignore_index: label value that marks a position without loss.
+    fused_output: compute the output layer and the loss together, a chunk of tokens at a time
+        (megatron_eaft.ops.fused_output), so the micro-batch's logits never exist.
+    fused_chunk_tokens: tokens per chunk of the fused path; 0 derives it from
+        fused_chunk_memory_mib.
+    fused_chunk_memory_mib: working memory of one chunk's logits (MiB) when the chunk size is
+        derived.
     """
 
     kind: Kind = "eaft"
@@ -51,6 +58,9 @@ class EAFTConfig:
     diagnostics: bool = True
     check_finite: bool = False
     ignore_index: int = -100
+    fused_output: bool = False
+    fused_chunk_tokens: int = 0
+    fused_chunk_memory_mib: int = 1024
 
     def __post_init__(self) -> None:
         _require(self.kind in KINDS, "kind", self.kind, f"one of {', '.join(KINDS)}")
@@ -68,7 +78,7 @@ class EAFTConfig:
             "lnk or paper with entropy='topk' (ln V only normalises the exact entropy)",
         )
         _require(
-            isinstance(self.topk, int) and not isinstance(self.topk, bool) and self.topk >= 2,
+            _integer(self.topk, 2),
             "topk",
             self.topk,
             "an integer >= 2",
@@ -94,6 +104,18 @@ class EAFTConfig:
             "ignore_index",
             self.ignore_index,
             "a negative integer (valid labels are 0..V-1)",
+        )
+        _require(
+            _integer(self.fused_chunk_tokens, 0),
+            "fused_chunk_tokens",
+            self.fused_chunk_tokens,
+            "an integer >= 0 (0: from fused_chunk_memory_mib)",
+        )
+        _require(
+            _integer(self.fused_chunk_memory_mib, 1),
+            "fused_chunk_memory_mib",
+            self.fused_chunk_memory_mib,
+            "an integer >= 1",
         )
 
     @property
@@ -133,6 +155,10 @@ class EAFTConfig:
 
 def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def _require(ok: bool, field: str, value: Any, allowed: str) -> None:

@@ -39,22 +39,24 @@ def reference_token_loss(
         target_prob = torch.exp(-ce)
         entropy = None
         if config.needs_entropy:
+            # xlogy: 0 log 0 = 0, so a -inf logit (a masked-out id, probability 0) adds nothing.
             if config.entropy == "topk":
                 top = torch.topk(logits_2d, config.topk, dim=-1).values
-                log_q = torch.log_softmax(top, dim=-1)
-                nats = -(log_q.exp() * log_q).sum(-1)
+                q = torch.softmax(top, dim=-1)
+                nats = -torch.xlogy(q, q).sum(-1)
             else:
-                nats = -(log_probs.exp() * log_probs).sum(-1)
+                p = log_probs.exp()
+                nats = -torch.xlogy(p, p).sum(-1)
             entropy = (nats / config.normaliser(vocab_size)).clamp(0.0, 1.0)
         weight = token_weight(config, entropy, target_prob)
-        keep = (~ignored).float()
-        weight = weight * keep
-        target_prob = target_prob * keep
+        weight = torch.where(ignored, 0.0, weight)
+        target_prob = torch.where(ignored, 0.0, target_prob)
         if entropy is None:
             entropy = torch.full_like(ce, math.nan)
 
-    ce = ce * (~ignored).float()
-    loss = weight * ce
+    ce = torch.where(ignored, 0.0, ce)
+    # A token of weight 0 adds nothing, even with an infinite CE (its label logit -inf).
+    loss = torch.where(weight == 0, 0.0, weight * ce)
     shape = target.shape
     return TokenLoss(
         loss.view(shape),

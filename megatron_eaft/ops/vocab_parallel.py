@@ -15,6 +15,14 @@ The weight is detached; the backward pass is ``w * (softmax - onehot) * grad_out
 into the saved softmax in place like Megatron's. The only full-size tensor is the fp32
 working copy that Megatron's own cross-entropy makes (none at all for fp32 logits, which are
 overwritten in place exactly as Megatron does).
+
+Non-finite logits: -inf is a legal masked-out logit (p = 0) and leaves the loss, entropy and
+weights finite in both entropy modes at every TP size. NaN and +inf are errors: with
+``check_finite`` the call raises naming the position, on every TP rank alike.
+
+The forward is split into named steps (``softmax_pass_``, ``token_outputs``,
+``raise_on_bad_input``, ``subtract_target_``) that the fused output-layer loss
+(:mod:`megatron_eaft.ops.fused_output`) runs chunk by chunk.
 """
 
 from __future__ import annotations
@@ -71,7 +79,9 @@ def local_topk_values(logits_2d: torch.Tensor, k: int) -> torch.Tensor:
     """
     rows, width = logits_2d.shape
     block_size = min(_TOPK_BLOCK_SIZE, width // k)
-    if block_size < 2 or logits_2d.stride(-1) != 1:
+    # Measured on CPU only (tools/bench_loss.py): on an accelerator torch.topk is one kernel
+    # and the extra passes of the prefilter are not known to pay.
+    if block_size < 2 or logits_2d.stride(-1) != 1 or logits_2d.device.type != "cpu":
         return torch.topk(logits_2d, k, dim=-1, sorted=False).values
     n_blocks = width // block_size  # >= k
     covered = n_blocks * block_size
@@ -103,9 +113,13 @@ def global_topk_values(
 
 
 def topk_entropy(topk_values: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of the softmax renormalised over the K given logits."""
+    """Entropy (nats) of the softmax renormalised over the K given logits.
+
+    A -inf among them (a row with fewer than K finite logits) has q = 0 and adds 0 log 0 = 0:
+    log q is clamped to the lowest finite value so the product is -0, not 0 * -inf = NaN.
+    """
     log_q = torch.log_softmax(topk_values, dim=-1)
-    return -(log_q.exp() * log_q).sum(dim=-1)
+    return -(log_q.exp() * log_q.clamp(min=torch.finfo(log_q.dtype).min)).sum(dim=-1)
 
 
 def normalise_entropy(entropy: torch.Tensor, config: EAFTConfig, vocab_size: int) -> torch.Tensor:
@@ -125,7 +139,9 @@ def exp_rows_(
     """Turn max-shifted logits into exp() in place; return sum(exp) and, if asked, sum(exp * x).
 
     Without the entropy term this is Megatron's single in-place pass. With it, rows go through
-    in cache-sized chunks so the extra product never materialises at the shard's size.
+    in cache-sized chunks so the extra product never materialises at the shard's size, and a
+    -inf logit (legal: a masked-out id) is first raised to the lowest finite float, whose exp is
+    0 as well, so that it adds 0 * lowest = -0 to sum(exp(x) * x) instead of 0 * -inf = NaN.
     """
     if not with_entropy_term:
         torch.exp(shifted, out=shifted)
@@ -134,12 +150,14 @@ def exp_rows_(
     chunk = _exact_pass_chunk_rows(width, shifted.element_size(), shifted.device)
     sum_exp = torch.empty(rows, dtype=shifted.dtype, device=shifted.device)
     sum_exp_x = torch.empty_like(sum_exp)
-    # One reused chunk buffer and out= everywhere: four ops per chunk, no allocation in the loop.
+    lowest = torch.finfo(shifted.dtype).min
+    # One reused chunk buffer and out= everywhere: five ops per chunk, no allocation in the loop.
     exp_buffer = torch.empty(min(chunk, rows), width, dtype=shifted.dtype, device=shifted.device)
     for start in range(0, rows, chunk):
         x = shifted[start : start + chunk]
         n = x.size(0)
         e = exp_buffer[:n]
+        x.clamp_(min=lowest)
         torch.exp(x, out=e)
         # Batched dot products: sum_v e_v * x_v per row without an [rows, V] product tensor.
         torch.bmm(e.unsqueeze(1), x.unsqueeze(2), out=sum_exp_x[start : start + n].view(n, 1, 1))
@@ -168,6 +186,7 @@ def normalised_entropy(
         chunk = _exact_pass_chunk_rows(partition_vocab, 4, logits_2d.device)
         for start in range(0, rows, chunk):
             x = logits_2d[start : start + chunk].float() - logits_max[start : start + chunk, None]
+            x.clamp_(min=torch.finfo(x.dtype).min)  # -inf adds 0, as in exp_rows_
             e = torch.exp(x)
             sums[0, start : start + chunk] = e.sum(dim=-1)
             sums[1, start : start + chunk] = torch.bmm(e.unsqueeze(1), x.unsqueeze(2)).view(-1)
@@ -176,34 +195,168 @@ def normalised_entropy(
     return normalise_entropy(nats, config, vocab_size).view(vocab_parallel_logits.shape[:-1])
 
 
-def _raise_on_bad_input(
+class SoftmaxPass(NamedTuple):
+    """What the vocab-parallel softmax pass leaves per row (fp32 [rows]); see softmax_pass_."""
+
+    ce: torch.Tensor  # log Z - x_y: the unweighted cross-entropy, before masking
+    sum_exp: torch.Tensor  # Z = sum_v exp(x_v - max), over the whole vocabulary
+    logits_max: torch.Tensor  # the global row maximum the logits were shifted by
+    entropy_nats: torch.Tensor | None  # exact entropy (nats) when asked for, else None
+    nonfinite: torch.Tensor | None  # bool: a NaN or +inf logit, or no finite one (when checked)
+    local_target: torch.Tensor  # the label's column in this shard (0 where off the shard)
+    off_shard: torch.Tensor  # bool: the label lies in another rank's shard
+
+
+def shard_targets(
+    target_1d: torch.Tensor, rank: int, partition_vocab: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(column of each label in this rank's shard, 0 where off it; whether it is off it)."""
+    vocab_start = rank * partition_vocab
+    off_shard = (target_1d < vocab_start) | (target_1d >= vocab_start + partition_vocab)
+    return (target_1d - vocab_start).masked_fill(off_shard, 0), off_shard
+
+
+def softmax_pass_(
+    work: torch.Tensor,
     target_1d: torch.Tensor,
-    bad_label: torch.Tensor,
+    with_exact_entropy: bool,
+    tp_group: dist.ProcessGroup | None,
+    check_finite: bool,
+) -> SoftmaxPass:
+    """Megatron's vocab-parallel cross-entropy forward on fp32 rows ``[rows, V/TP]``, in place.
+
+    ``work`` ends as ``exp(x - max)`` (divide by ``sum_exp`` for the softmax). Two collectives:
+    the MAX of the row maxima and one SUM of everything summed over the vocabulary (target logit,
+    partition function, the exact entropy's ``sum exp(x) * x`` and the non-finite flag). The flag
+    is taken from each shard BEFORE the MAX: gloo's MAX drops NaN, so a NaN on another rank's
+    shard would otherwise go unseen by the check (while still making every rank's loss NaN).
+    """
+    rank, _ = group_rank_and_size(tp_group)
+    # amax, not max(): on CPU max() also produces indices and runs ~6x slower.
+    logits_max = torch.amax(work, dim=-1)
+    local_nonfinite = None
+    if check_finite:
+        local_nonfinite = (torch.isnan(logits_max) | (logits_max == math.inf)).float()
+    _all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
+    work -= logits_max.unsqueeze(-1)
+
+    local_target, off_shard = shard_targets(target_1d, rank, work.size(-1))
+    predicted = work.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
+    predicted.masked_fill_(off_shard, 0.0)
+
+    sum_exp, sum_exp_x = exp_rows_(work, with_entropy_term=with_exact_entropy)
+    partials = [predicted, sum_exp]
+    if with_exact_entropy:
+        partials.append(sum_exp_x)
+    if local_nonfinite is not None:
+        partials.append(local_nonfinite)
+    reduced = torch.stack(partials)
+    _all_reduce(reduced, dist.ReduceOp.SUM, tp_group)
+    predicted, sum_exp = reduced[0], reduced[1]
+    log_z = torch.log(sum_exp)
+    entropy_nats = log_z - reduced[2] / sum_exp if with_exact_entropy else None
+    nonfinite = None
+    if local_nonfinite is not None:
+        # A row whose every logit is -inf has no distribution: as bad as a NaN.
+        nonfinite = (reduced[-1] > 0) | (logits_max == -math.inf)
+    return SoftmaxPass(
+        log_z - predicted, sum_exp, logits_max, entropy_nats, nonfinite, local_target, off_shard
+    )
+
+
+def token_outputs(
+    ce: torch.Tensor,
+    entropy_nats: torch.Tensor | None,
+    ignored: torch.Tensor,
+    config: EAFTConfig,
+    vocab_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ce, weight, entropy, target_prob) per row from the cross-entropy and entropy.
+
+    Ignored rows are zeroed with ``where``, not a multiply, so whatever their logits hold
+    (NaN, inf) stays out of the sums; a row of weight 0 adds 0 even where its CE is infinite
+    (a -inf label logit: dft's p * CE tends to 0 there).
+    """
+    target_prob = torch.exp(-ce)
+    if entropy_nats is not None:
+        entropy = normalise_entropy(entropy_nats, config, vocab_size)
+        weight = token_weight(config, entropy, target_prob)
+    else:
+        entropy = torch.full_like(ce, math.nan)
+        weight = token_weight(config, None, target_prob)
+    zero = ce.new_zeros(())
+    ce = torch.where(ignored, zero, ce)
+    weight = torch.where(ignored, zero, weight)
+    target_prob = torch.where(ignored, zero, target_prob)
+    loss = torch.where(weight == 0, zero, weight * ce)
+    return loss, ce, weight, entropy, target_prob
+
+
+def ignored_positions(
+    target_1d: torch.Tensor, config: EAFTConfig, loss_mask: torch.Tensor | None
+) -> torch.Tensor:
+    ignored = target_1d == config.ignore_index
+    if loss_mask is not None:
+        ignored |= loss_mask.reshape(-1) == 0
+    return ignored
+
+
+def checks_sync(config: EAFTConfig, device: torch.device) -> bool:
+    """Whether the input checks read flags on the host (and so raise readable errors).
+
+    On CPU a host read costs nothing (every op has finished), so the label check always runs
+    there. On an accelerator it is a device sync per call, taken only with check_finite;
+    otherwise labels are checked by an asynchronous device-side assertion (no sync, the run
+    aborts with the message below on the next synchronising op) and logits are not checked.
+    """
+    return config.check_finite or device.type == "cpu"
+
+
+_BAD_LABEL = "a label is outside the vocabulary (not ignore_index, not loss-masked)"
+
+
+def raise_on_bad_input(
+    target_1d: torch.Tensor,
+    ignored: torch.Tensor,
+    nonfinite: torch.Tensor | None,
     logits_max: torch.Tensor,
     vocab_size: int,
-    check_finite: bool,
+    config: EAFTConfig,
     label_shape: torch.Size,
 ) -> None:
-    """One device sync for both checks; every TP rank sees the same flags and raises alike."""
+    """Labels in [0, V) and, with check_finite, finite logits; one host read for both.
+
+    Every TP rank sees the same flags (labels are replicated, the finite flag is all-reduced),
+    so every rank raises alike and none hangs in a later collective.
+    """
+    bad_label = ~ignored & ((target_1d < 0) | (target_1d >= vocab_size))
+    if not checks_sync(config, target_1d.device):
+        torch._assert_async(~bad_label.any(), _BAD_LABEL)
+        return
     flags = [bad_label.any()]
-    if check_finite:
-        flags.append(~torch.isfinite(logits_max).all())
-    any_bad_label, *nonfinite = torch.stack(flags).tolist()
+    if nonfinite is not None:
+        flags.append(nonfinite.any())
+    any_bad_label, *any_nonfinite = torch.stack(flags).tolist()
     if any_bad_label:
         flat = int(bad_label.nonzero()[0, 0])
-        position = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), label_shape))
         raise ValueError(
-            f"label {int(target_1d[flat])} at position {position} (of labels shaped "
-            f"{tuple(label_shape)}) is outside the vocabulary [0, {vocab_size}); "
+            f"label {int(target_1d[flat])} at position {_position(flat, label_shape)} (of labels "
+            f"shaped {tuple(label_shape)}) is outside the vocabulary [0, {vocab_size}); "
             "mark positions without loss with ignore_index or the loss mask"
         )
-    if nonfinite and nonfinite[0]:
-        flat = int((~torch.isfinite(logits_max)).nonzero()[0, 0])
-        position = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), label_shape))
+    if any_nonfinite and any_nonfinite[0]:
+        assert nonfinite is not None
+        flat = int(nonfinite.nonzero()[0, 0])
         raise FloatingPointError(
-            f"non-finite logits (max {float(logits_max[flat])}) at position {position} of "
-            f"labels shaped {tuple(label_shape)}: the model diverged or its input is corrupt"
+            f"non-finite logits (a NaN or +inf, or no finite logit; row max "
+            f"{float(logits_max[flat])}) at position {_position(flat, label_shape)} of labels "
+            f"shaped {tuple(label_shape)}: the model diverged or its input is corrupt "
+            "(-inf alone is a legal masked-out logit)"
         )
+
+
+def _position(flat: int, shape: torch.Size) -> tuple[int, ...]:
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), shape))
 
 
 class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
@@ -216,7 +369,7 @@ class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
         tp_group: dist.ProcessGroup | None,
         loss_mask: torch.Tensor | None,
     ):
-        rank, world = group_rank_and_size(tp_group)
+        _, world = group_rank_and_size(tp_group)
         partition_vocab = vocab_parallel_logits.size(-1)
         vocab_size = partition_vocab * world
         config.validate_vocab(vocab_size)
@@ -227,10 +380,7 @@ class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
                 f"logits {tuple(vocab_parallel_logits.shape)} and labels {tuple(target.shape)} "
                 "disagree on the number of positions"
             )
-        ignored = target_1d == config.ignore_index
-        if loss_mask is not None:
-            ignored |= loss_mask.reshape(-1) == 0
-        bad_label = ~ignored & ((target_1d < 0) | (target_1d >= vocab_size))
+        ignored = ignored_positions(target_1d, config, loss_mask)
 
         entropy_nats = None
         if config.needs_entropy and config.entropy == "topk":
@@ -241,60 +391,44 @@ class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
         # un-viewed: autograd refuses saved views whose base was modified in place).
         work_full = vocab_parallel_logits.float()
         work = work_full.view(-1, partition_vocab)
-        # amax, not max(): on CPU max() also produces indices and runs ~6x slower.
-        logits_max = torch.amax(work, dim=-1)
-        _all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
-        _raise_on_bad_input(
-            target_1d, bad_label, logits_max, vocab_size, config.check_finite, target.shape
-        )
-        work -= logits_max.unsqueeze(-1)
-
-        vocab_start = rank * partition_vocab
-        off_shard = (target_1d < vocab_start) | (target_1d >= vocab_start + partition_vocab)
-        local_target = (target_1d - vocab_start).masked_fill(off_shard, 0)
-        predicted = work.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
-        predicted.masked_fill_(off_shard, 0.0)
-
         exact = config.needs_entropy and config.entropy == "exact"
-        sum_exp, sum_exp_x = exp_rows_(work, with_entropy_term=exact)
-        # One all-reduce for everything summed over the vocabulary.
-        partials = [predicted, sum_exp] + ([sum_exp_x] if exact else [])
-        reduced = torch.stack(partials)
-        _all_reduce(reduced, dist.ReduceOp.SUM, tp_group)
-        predicted, sum_exp = reduced[0], reduced[1]
-        log_z = torch.log(sum_exp)
-        ce = log_z - predicted
-        work.div_(sum_exp.unsqueeze(-1))
-        if exact:
-            entropy_nats = log_z - reduced[2] / sum_exp
-
-        target_prob = torch.exp(-ce)
-        entropy = (
-            normalise_entropy(entropy_nats, config, vocab_size)
-            if entropy_nats is not None
-            else torch.full_like(ce, math.nan)
+        softmax = softmax_pass_(work, target_1d, exact, tp_group, config.check_finite)
+        raise_on_bad_input(
+            target_1d,
+            ignored,
+            softmax.nonfinite,
+            softmax.logits_max,
+            vocab_size,
+            config,
+            target.shape,
         )
-        weight = token_weight(config, entropy if entropy_nats is not None else None, target_prob)
-        keep = (~ignored).to(ce.dtype)
-        ce = ce * keep
-        weight = weight * keep
-        target_prob = target_prob * keep
-        loss = weight * ce
+        work.div_(softmax.sum_exp.unsqueeze(-1))
+        if exact:
+            entropy_nats = softmax.entropy_nats
+        outputs = token_outputs(softmax.ce, entropy_nats, ignored, config, vocab_size)
 
-        ctx.save_for_backward(work_full, off_shard, local_target, weight)
+        weight = outputs[2]
+        ctx.save_for_backward(work_full, softmax.off_shard, softmax.local_target, weight)
         shape = target.shape
-        outputs = [t.view(shape) for t in (loss, ce, weight, entropy, target_prob)]
+        outputs = tuple(t.view(shape) for t in outputs)
         ctx.mark_non_differentiable(*outputs[1:])
-        return tuple(outputs)
+        return outputs
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_grads):  # type: ignore[override]
         softmax, off_shard, local_target, weight = ctx.saved_tensors
         grad = softmax.view(-1, softmax.size(-1))  # reused in place, as Megatron does
-        rows = torch.arange(grad.size(0), device=grad.device)
-        grad[rows, local_target] -= (~off_shard).to(grad.dtype)
+        subtract_target_(grad, local_target, off_shard)
         grad.mul_((grad_loss.reshape(-1) * weight).unsqueeze(-1))
         return softmax, None, None, None, None
+
+
+def subtract_target_(
+    softmax: torch.Tensor, local_target: torch.Tensor, off_shard: torch.Tensor
+) -> None:
+    """softmax - onehot(label) in place: d CE / d logits on this rank's shard."""
+    rows = torch.arange(softmax.size(0), device=softmax.device)
+    softmax[rows, local_target] -= (~off_shard).to(softmax.dtype)
 
 
 def vocab_parallel_weighted_cross_entropy(
