@@ -77,6 +77,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--skip-bad", action="store_true", help="count and report bad lines instead of failing"
     )
+    parser.add_argument(
+        "--allow-role",
+        dest="allow_roles",
+        action="append",
+        default=[],
+        metavar="ROLE",
+        help="accept this chat role besides system/user/assistant/tool (repeatable); "
+        "any other role is a bad line",
+    )
     parser.add_argument("--workers", type=int, default=1, help="tokenisation processes")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the row shuffle")
     parser.add_argument("--no-shuffle", action="store_true", help="keep rows in packing order")
@@ -103,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         chat_template_file=args.chat_template,
         template_kwargs=args.chat_template_kwargs,
         skip_bad=args.skip_bad,
+        extra_roles=tuple(args.allow_roles),
         workers=args.workers,
         shuffle_seed=None if args.no_shuffle else args.seed,
         overwrite=args.overwrite,

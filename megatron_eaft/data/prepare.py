@@ -42,12 +42,14 @@ from megatron_eaft.data.layout import (
 )
 from megatron_eaft.data.packing import PackingMode, pack
 from megatron_eaft.data.records import (
+    STANDARD_ROLES,
     DataFileError,
     InputFormat,
     PlainText,
     Record,
     RecordError,
     RecordKind,
+    check_roles,
     count_lines,
     iter_lines,
     parse_record,
@@ -70,6 +72,8 @@ class PrepareConfig:
     chat_template_file: Path | None = None
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     skip_bad: bool = False
+    # Chat roles accepted besides system / user / assistant / tool.
+    extra_roles: tuple[str, ...] = ()
     workers: int = 1
     # Row order is shuffled with this seed (None keeps packing order: first-fit opens the rows
     # of the longest samples first, which a sequential reader would see as a curriculum).
@@ -85,6 +89,7 @@ class PrepareSummary:
     bad_lines: int = 0
     truncated: int = 0
     dropped_without_loss: int = 0
+    truncated_to_no_loss: int = 0  # every trained token lay beyond the row length
     rows: int = 0
     tokens: int = 0  # tokens of the samples written (after truncation)
     positions: int = 0  # row positions they fill (one fewer per sample: the shift)
@@ -123,11 +128,13 @@ class PrepareSummary:
             f"padding {100 * self.padding_fraction:.1f}% of row positions",
             f"truncated samples (longer than {config.seq_length + 1} tokens): {self.truncated}",
         ]
-        if self.dropped_without_loss:
+        if self.truncated_to_no_loss:
             lines.append(
-                f"dropped samples with no assistant token left after truncation: "
-                f"{self.dropped_without_loss}"
+                "dropped samples whose trained tokens all lay beyond the row (raise "
+                f"--seq-length): {self.truncated_to_no_loss}"
             )
+        if self.dropped_without_loss:
+            lines.append(f"dropped samples with no token to train on: {self.dropped_without_loss}")
         if self.bad_lines:
             lines.append(f"bad lines skipped: {self.bad_lines}")
             lines.extend(f"  {example}" for example in self.bad_line_examples)
@@ -149,6 +156,7 @@ class RecordEncoder:
 
     def __init__(self, config: PrepareConfig) -> None:
         self.tokenizer = load_tokenizer(config.tokenizer)
+        self.roles = (*STANDARD_ROLES, *config.extra_roles)
         self.text = TextEncoder(self.tokenizer)
         self.chat: ChatEncoder | None = None
         self.chat_unavailable = ""
@@ -174,6 +182,7 @@ class RecordEncoder:
             return self.text.encode(record)
         if self.chat is None:
             raise RecordError(f"a chat record, but {self.chat_unavailable}")
+        check_roles(record, self.roles)
         return self.chat.encode(record)
 
 
@@ -265,12 +274,16 @@ def _tokenise_to_staging(
                     summary.bad_line_examples.append(f"{path}:{line_number}: {mask}")
                 continue
             assert isinstance(mask, np.ndarray)
+            # Position t trains on token t + 1, so the first token's mask never counts.
+            had_loss = bool(mask[1:].any())
             if len(token_ids) > max_tokens:
                 token_ids, mask = token_ids[:max_tokens], mask[:max_tokens]
                 summary.truncated += 1
-            # Position t trains on token t + 1, so the first token's mask never counts.
             if not mask[1:].any():
-                summary.dropped_without_loss += 1
+                if had_loss:
+                    summary.truncated_to_no_loss += 1
+                else:
+                    summary.dropped_without_loss += 1
                 continue
             tokens_builder.add_item(torch.from_numpy(token_ids))
             tokens_builder.end_document()
@@ -350,10 +363,16 @@ def prepare_dataset(config: PrepareConfig) -> PrepareSummary:
         staging_prefix = temporary / "staging"
         _tokenise_to_staging(config, encoder, staging_prefix, dtype, summary)
         if summary.samples == 0:
+            why = [f"{summary.lines} lines", f"{summary.bad_lines} bad"]
+            if summary.truncated_to_no_loss:
+                why.append(
+                    f"{summary.truncated_to_no_loss} lost every trained token to truncation at "
+                    f"--seq-length {config.seq_length} (raise it)"
+                )
+            if summary.dropped_without_loss:
+                why.append(f"{summary.dropped_without_loss} without tokens to train on")
             raise ValueError(
-                f"no training samples in {', '.join(map(str, config.inputs))} "
-                f"({summary.lines} lines, {summary.bad_lines} bad, "
-                f"{summary.dropped_without_loss} without assistant tokens)"
+                f"no training samples in {', '.join(map(str, config.inputs))} ({', '.join(why)})"
             )
         _write_rows(config, staging_prefix, temporary, dtype, summary)
         for prefix in (TOKENS_PREFIX, LOSS_MASK_PREFIX):

@@ -63,6 +63,22 @@ class PlainText:
 Record = Conversation | PlainText
 
 
+# The roles chat templates render (Hugging Face's conventions, as Qwen's and GLM's templates use).
+STANDARD_ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_roles(conversation: Conversation, allowed: tuple[str, ...] = STANDARD_ROLES) -> None:
+    """A role outside ``allowed`` is refused: most templates render any role verbatim (or drop
+    it), so a misspelt "asistant" would silently train as prompt text."""
+    for index, message in enumerate(conversation.messages):
+        if message["role"] not in allowed:
+            raise RecordError(
+                f"messages[{index}] has role {message['role']!r}, not one of "
+                f"{', '.join(allowed)} (pass --allow-role {message['role']} if the chat "
+                "template knows it)"
+            )
+
+
 def _require_string(record: dict[str, Any], key: str) -> str:
     value = record[key]
     if not isinstance(value, str):

@@ -127,7 +127,7 @@ def test_truncation_and_samples_left_without_loss(tmp_path, tokenizer_dir, token
     data = write_jsonl(tmp_path / "data.jsonl", [long_answer, long_prompt, short])
     summary = prepare_dataset(config_for(tmp_path, tokenizer_dir, [data], seq_length=24))
     assert summary.truncated == 2
-    assert summary.dropped_without_loss == 1
+    assert summary.truncated_to_no_loss == 1 and summary.dropped_without_loss == 0
     assert summary.samples == 2
     dataset = SFTDataset(tmp_path / "out")
     assert sorted(unpack(dataset)) == sorted(
@@ -369,3 +369,25 @@ def test_cli(tmp_path, tokenizer_dir, capsys):
     arguments[2] = str(texts)
     assert main([*arguments, "--output", str(tmp_path / "text_out"), "--format", "text"]) == 0
     assert "loss on every token (plain text)" in capsys.readouterr().out
+
+
+def test_a_row_too_short_for_any_answer_is_blamed_on_truncation(tmp_path, tokenizer_dir):
+    data = write_jsonl(tmp_path / "data.jsonl", RECORDS[:3])
+    with pytest.raises(ValueError) as error:
+        prepare_dataset(config_for(tmp_path, tokenizer_dir, [data], seq_length=1))
+    message = str(error.value)
+    assert "3 lost every trained token to truncation at --seq-length 1" in message
+    assert "without tokens to train on" not in message
+
+
+def test_an_unknown_chat_role_is_a_bad_line_unless_allowed(tmp_path, tokenizer_dir):
+    odd = {"messages": [{"role": "asistant", "content": "typo"}, *RECORDS[0]["messages"][1:]]}
+    data = write_jsonl(tmp_path / "data.jsonl", [RECORDS[0], odd])
+    with pytest.raises(DataFileError) as error:
+        prepare_dataset(config_for(tmp_path, tokenizer_dir, [data]))
+    assert error.value.line_number == 2 and "'asistant'" in str(error.value)
+    assert "--allow-role asistant" in str(error.value)
+    summary = prepare_dataset(
+        config_for(tmp_path, tokenizer_dir, [data], extra_roles=("asistant",), overwrite=True)
+    )
+    assert summary.samples == 2
