@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_eaft import log
+
+    log.configure()
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
