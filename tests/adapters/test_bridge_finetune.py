@@ -123,9 +123,11 @@ def _finetune(cfg, forward_step, input_ids: torch.Tensor) -> dict:
                 logits = model(input_ids=input_ids, position_ids=positions, attention_mask=None)
             final["logits"] = gather_from_tensor_model_parallel_region(logits).float()
 
-    # Bridge sets process-wide variables (NVTE_* for the attention backend, its recipes'
-    # env_vars); later jobs in this worker build models with the defaults again.
+    # Megatron sets process-wide variables (NVTE_* for the attention backend) and so do Bridge
+    # recipes (env_vars): each job in this worker starts from and leaves the same environment.
     environment = dict(os.environ)
+    for leftover in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
+        os.environ.pop(leftover, None)  # set by a model an earlier job built in this worker
     try:
         finetune(cfg, forward_step_func=forward_step, callbacks=[Record()])
     finally:
@@ -221,6 +223,7 @@ def _export_equals_final_model(save_dir: Path, out: Path, input_ids, final_logit
     torch.testing.assert_close(final_logits[..., : expected.size(-1)], expected, rtol=0, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_qwen3_from_our_conversion_through_bridge_finetune_and_back(bridge_dist, tiny_run):
     vocab = read_model_metadata(tiny_run["qwen3_megatron"]).vocab_size
     input_ids = verify.sample_inputs(vocab, batch=2, seq_len=12, seed=7)
@@ -265,6 +268,7 @@ def _model_of(metadata) -> dict:
     return {**built, "vocab": metadata.vocab_size}
 
 
+@pytest.mark.slow
 def test_glm4_our_conversion_bridge_finetune_our_export(bridge_dist, tiny_run):
     vocab = read_model_metadata(tiny_run["glm4_megatron"]).vocab_size
     input_ids = verify.sample_inputs(vocab, batch=2, seq_len=12, seed=8)
