@@ -47,7 +47,7 @@ def test_import_writes_the_run_config_bridge_loads(tmp_path, family, transformer
     # Our metadata, not the run config, describes the model; without it export refuses.
     assert read_model_metadata(out).family == family
     (out / MODEL_METADATA_FILE).unlink()
-    with pytest.raises(MegatronCheckpointError, match="megatron_eaft_model.json is missing"):
+    with pytest.raises(MegatronCheckpointError, match=r"megatron_eaft_model\.json is missing"):
         read_model_metadata(out)
 
 
