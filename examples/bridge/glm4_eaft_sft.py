@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from megatron_eaft.megatron.bridge import enable_eaft, use_local_sft_data
+from megatron_eaft.megatron.bridge import enable_eaft, glm4_layer_spec, use_local_sft_data
 from megatron_eaft.megatron.megatron_lm import add_eaft_args, eaft_config_from_args
 from megatron_eaft.models import ModelMetadata
 from megatron_eaft.models.checkpoint_dir import HF_FILES_DIR
@@ -45,13 +45,10 @@ def glm4_model_provider(
     model_kwargs = family.gpt_model_kwargs(family.hf(hf_config))
     model_kwargs.pop("max_sequence_length", None)  # Bridge's provider calls it seq_length
 
-    def layer_spec(config, vp_stage=None):
-        return family.layer_spec(config, transformer_impl)
-
     return GPTModelProvider(
         **family.transformer_config_kwargs(hf_config),
         **model_kwargs,
-        transformer_layer_spec=layer_spec,
+        transformer_layer_spec=glm4_layer_spec,
         vocab_size=metadata.padded_vocab_size,
         should_pad_vocab=False,  # the checkpoint's padded embedding rows, as converted
         seq_length=seq_length,
@@ -83,7 +80,7 @@ def glm4_sft_config(args: argparse.Namespace):
     return cfg
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--megatron-checkpoint", required=True, help="`convert import` output")
     parser.add_argument("--save", required=True, help="where Bridge writes checkpoints")
@@ -92,7 +89,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq-length", type=int, default=4096, help="packed row length")
     parser.add_argument("--train-iters", type=int, default=None, help="override the recipe's")
     parser.add_argument("--dataset-root", default=None, help="local SFT JSONL/packed directory")
-    return add_eaft_args(parser).parse_args()
+    return add_eaft_args(parser).parse_args(argv)
 
 
 def main() -> None:

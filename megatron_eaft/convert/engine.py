@@ -32,6 +32,7 @@ from megatron_eaft.convert.hf_io import (
     read_json,
 )
 from megatron_eaft.convert.torch_dist import TorchDistReader, TorchDistWriter
+from megatron_eaft.models.bridge_config import read_model_metadata, write_bridge_run_config
 from megatron_eaft.models.build import DTYPES
 from megatron_eaft.models.checkpoint_dir import (
     HF_FILES_DIR,
@@ -473,6 +474,7 @@ def import_hf_checkpoint(
                 writer.finish()
             finally:
                 writer.close()
+            write_bridge_run_config(tmp / RELEASE)
             write_text_atomically(tmp / TRACKER_FILE, RELEASE, fsync=fsync)
             ModelMetadata(
                 family=family.name,
@@ -564,7 +566,7 @@ def export_megatron_checkpoint(
     """Megatron checkpoint root -> HF directory (config.json, safetensors shards, tokenizer)."""
     start = time.perf_counter()
     root = Path(megatron_dir)
-    metadata = ModelMetadata.read(root)
+    metadata = read_model_metadata(root, iteration)
     hf_config = dict(metadata.hf_config)
     reader = TorchDistReader(checkpoint_dir(root, iteration))
     plan = plan_conversion(

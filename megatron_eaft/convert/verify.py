@@ -1,7 +1,7 @@
 """Does a converted checkpoint compute what the HF model computes? Compare logits on CPU.
 
 transformers runs the HF directory in fp32; Megatron-Core builds the model from the
-converted directory alone (``ModelMetadata.read`` + ``build_model``) at the requested
+converted directory alone (its metadata, or Bridge's run config, + ``build_model``) at the requested
 TP/PP/EP on gloo ranks, loads the checkpoint with ``dist_checkpointing`` (so resharding is
 exercised too) and runs a forward-only pipeline schedule. Logits are compared over the real
 vocab (padding rows cut off).
@@ -109,15 +109,11 @@ def megatron_logits(
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_eaft.megatron import cpu_runtime
-    from megatron_eaft.models import (
-        ModelMetadata,
-        ParallelLayout,
-        build_model,
-        load_checkpoint_into_model,
-    )
+    from megatron_eaft.models import ParallelLayout, build_model, load_model_weights
+    from megatron_eaft.models.bridge_config import read_model_metadata
 
     cpu_runtime.initialize_parallel(tp=tp, pp=pp, ep=ep)
-    metadata = ModelMetadata.read(megatron_dir)
+    metadata = read_model_metadata(megatron_dir, iteration)
     # fp32 and the local spec: the comparison runs on CPU against transformers in fp32.
     model = build_model(
         metadata,
@@ -125,7 +121,7 @@ def megatron_logits(
         dtype=torch.float32,
         transformer_impl="local",
     )
-    load_checkpoint_into_model(model, megatron_dir, iteration=iteration)
+    load_model_weights(model, megatron_dir, iteration=iteration)
     model.eval()
     batch, seq_len = input_ids.shape
     position_ids = torch.arange(seq_len).unsqueeze(0).expand(batch, -1)
@@ -182,10 +178,11 @@ def verify_checkpoint(
     fresh worker processes from the launcher; tests pass their shared pool's ``run``), so
     this process never initialises Megatron or patches torch for CPU.
     """
-    from megatron_eaft.models import ModelMetadata, ParallelLayout, check_layout
+    from megatron_eaft.models import ParallelLayout, check_layout
+    from megatron_eaft.models.bridge_config import read_model_metadata
     from megatron_eaft.models.checkpoint_dir import checkpoint_dir
 
-    metadata = ModelMetadata.read(megatron_dir)
+    metadata = read_model_metadata(megatron_dir)
     checkpoint_dir(megatron_dir)
     check_layout(metadata, ParallelLayout(tensor=tp, pipeline=pp, expert=ep))
     input_ids = sample_inputs(metadata.vocab_size, batch, seq_len, seed)

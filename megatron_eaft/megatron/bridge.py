@@ -106,13 +106,34 @@ def enable_eaft(cfg: Any, config: EAFTConfig) -> EAFTBridgeForwardStep:
     return EAFTBridgeForwardStep(config)
 
 
+def glm4_layer_spec(config: Any, vp_stage: int | None = None) -> Any:
+    """A Bridge ``transformer_layer_spec`` for dense GLM-4: megatron-eaft's sandwich-norm layer
+    in the provider's ``transformer_impl``. A module-level function, so Bridge's saved run
+    config names it and ``convert export`` recognises the model."""
+    from megatron_eaft.models import get_family
+
+    return get_family("glm4").layer_spec(config, config.transformer_impl)
+
+
 def use_local_sft_data(cfg: Any, dataset_root: str) -> None:
-    """Point a Bridge SFT recipe at local JSONL/packed data instead of its HF-hub dataset
-    (Bridge's GPTSFTDatasetConfig takes exactly one source)."""
+    """Point a Bridge SFT recipe at local JSONL/packed data instead of its HF-hub dataset.
+
+    Bridge's GPTSFTDatasetConfig takes exactly one source and refuses a ``dataset_root`` next
+    to any Hugging Face split or materialisation setting (the recipes set a validation
+    proportion), so all of those are cleared.
+    """
     cfg.dataset.dataset_root = dataset_root
-    for source in ("hf_dataset", "hf_validation_dataset", "hf_test_dataset"):
-        if hasattr(cfg.dataset, source):
-            setattr(cfg.dataset, source, None)
+    for hf_setting in (
+        "hf_dataset",
+        "hf_validation_dataset",
+        "hf_test_dataset",
+        "hf_output_root",
+        "hf_validation_proportion",
+    ):
+        if hasattr(cfg.dataset, hf_setting):
+            setattr(cfg.dataset, hf_setting, None)
+    if hasattr(cfg.dataset, "hf_rewrite"):
+        cfg.dataset.hf_rewrite = False
 
 
 class EAFTBridgeForwardStep:

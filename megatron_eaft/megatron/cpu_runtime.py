@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 _PATCHED = False
 _TRAINING_PATCHED = False
+_BRIDGE_PATCHED = False
 _DEVICE_MODE: TorchFunctionMode | None = None
 
 
@@ -217,24 +218,122 @@ def _initialize_megatron_without_cuda(
 
     @functools.wraps(initialize_megatron)
     def initialize(*args: Any, **kwargs: Any) -> Any:
-        from megatron.core import tensor_parallel
-
         # Megatron's own switch for runs without CUDA; it only lifts the "requires CUDA" assert.
         kwargs["allow_no_cuda"] = True
-        count_cuda_devices = torch.cuda.device_count
-        seed_cuda_rng = tensor_parallel.model_parallel_cuda_manual_seed
         # It builds the model-parallel groups and seeds the RNG tracker only when it counts a
         # CUDA device: count one for the duration, and seed the CPU tracker with the seed it
         # computed (+100 per pipeline stage, +10 per DP rank with --data-parallel-random-init).
-        torch.cuda.device_count = lambda: 1  # type: ignore[assignment]
-        tensor_parallel.model_parallel_cuda_manual_seed = _seed_cpu_rng_tracker
-        try:
+        with _one_cuda_device_seeding_cpu_rng():
             return initialize_megatron(*args, **kwargs)
-        finally:
-            torch.cuda.device_count = count_cuda_devices  # type: ignore[assignment]
-            tensor_parallel.model_parallel_cuda_manual_seed = seed_cuda_rng
 
     return initialize
+
+
+@contextlib.contextmanager
+def _one_cuda_device_seeding_cpu_rng() -> Iterator[None]:
+    """Count one CUDA device, and let ``model_parallel_cuda_manual_seed`` seed the CPU tracker."""
+    from megatron.core import tensor_parallel
+
+    count_cuda_devices = torch.cuda.device_count
+    seed_cuda_rng = tensor_parallel.model_parallel_cuda_manual_seed
+    torch.cuda.device_count = lambda: 1  # type: ignore[assignment]
+    tensor_parallel.model_parallel_cuda_manual_seed = _seed_cpu_rng_tracker
+    try:
+        yield
+    finally:
+        torch.cuda.device_count = count_cuda_devices  # type: ignore[assignment]
+        tensor_parallel.model_parallel_cuda_manual_seed = seed_cuda_rng
+
+
+# ---- Megatron-Bridge's trainer: megatron.bridge.training pretrain() / finetune() ------------
+
+
+def apply_bridge_cpu_patches() -> None:
+    """Make Megatron-Bridge's ``pretrain()`` / ``finetune()`` runnable on CPU (gloo).
+
+    Idempotent; inert with CUDA. Call it before ``megatron.bridge.training.pretrain`` is
+    imported. On top of :func:`apply_cpu_patches`, Bridge's training set-up assumes a GPU in
+    four spots (each found by removing its patch): ``pretrain.py`` imports
+    ``nvidia_resiliency_ext``, a CUDA-only dependency, for a type annotation;
+    ``initialize_megatron`` asserts CUDA unless told ``allow_no_cuda``, which Bridge's
+    ``setup()`` does not pass; ``_set_random_seed`` seeds the model-parallel RNG tracker only
+    when it counts a CUDA device; and the start-up "compiles" the dataset helpers with
+    ``make``, which needs the Makefile the wheel leaves out (it ships them compiled). The
+    fused-kernel warm-up is skipped as for Megatron-LM (CPU runs switch those fusions off).
+    The run itself still needs the CPU settings: gloo, the local layer spec and attention
+    backend, fusions off, fp32 (see ``tests/adapters/test_bridge_finetune.py``).
+    """
+    global _BRIDGE_PATCHED
+    if _BRIDGE_PATCHED or cuda_available():
+        return
+    apply_cpu_patches()
+    _provide_resiliency_ext_call_wrapper()
+    from megatron.bridge.training import initialize, setup
+
+    setup.initialize_megatron = _bridge_initialize_without_cuda(setup.initialize_megatron)
+    initialize._set_random_seed = _seeding_cpu_rng_tracker(initialize._set_random_seed)
+    initialize.compile_helpers = _compile_dataset_helpers_if_missing(initialize.compile_helpers)
+    setup.set_jit_fusion_options = _skip_bridge_jit_warm_up
+    _BRIDGE_PATCHED = True
+
+
+def _provide_resiliency_ext_call_wrapper() -> None:
+    """A stand-in ``nvidia_resiliency_ext.inprocess`` when the package is absent: Bridge's
+    ``pretrain.py`` imports ``CallWrapper`` from it only to annotate an argument that in-process
+    restart (a GPU-cluster feature, off by default) fills in."""
+    import importlib.util
+    import sys
+    import types
+
+    try:
+        if importlib.util.find_spec("nvidia_resiliency_ext.inprocess") is not None:
+            return
+    except ModuleNotFoundError:
+        pass
+    package = types.ModuleType("nvidia_resiliency_ext")
+    package.__path__ = []
+    inprocess = types.ModuleType("nvidia_resiliency_ext.inprocess")
+    inprocess.CallWrapper = type("CallWrapper", (), {})
+    package.inprocess = inprocess
+    sys.modules.setdefault("nvidia_resiliency_ext", package)
+    sys.modules.setdefault("nvidia_resiliency_ext.inprocess", inprocess)
+
+
+def _bridge_initialize_without_cuda(
+    initialize_megatron: Callable[..., Any],
+) -> Callable[..., Any]:
+    @functools.wraps(initialize_megatron)
+    def initialize(*args: Any, **kwargs: Any) -> Any:
+        kwargs["allow_no_cuda"] = True
+        return initialize_megatron(*args, **kwargs)
+
+    return initialize
+
+
+def _seeding_cpu_rng_tracker(set_random_seed: Callable[..., Any]) -> Callable[..., Any]:
+    """Bridge's ``_set_random_seed``, seeding the CPU tracker with the seed it computes."""
+
+    @functools.wraps(set_random_seed)
+    def set_seed(*args: Any, **kwargs: Any) -> Any:
+        with _one_cuda_device_seeding_cpu_rng():
+            return set_random_seed(*args, **kwargs)
+
+    return set_seed
+
+
+def _compile_dataset_helpers_if_missing(compile_helpers: Callable[[], None]) -> Callable[[], None]:
+    @functools.wraps(compile_helpers)
+    def compile_if_missing() -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("megatron.core.datasets.helpers_cpp") is None:
+            compile_helpers()
+
+    return compile_if_missing
+
+
+def _skip_bridge_jit_warm_up(model_config: Any, micro_batch_size: int) -> None:
+    pass
 
 
 def _seed_cpu_rng_tracker(seed: int, *args: Any, **kwargs: Any) -> None:
@@ -316,3 +415,45 @@ def init_process_group_from_env(timeout_minutes: float = 10.0) -> None:
     torch.distributed.init_process_group(
         backend=default_backend(), timeout=datetime.timedelta(minutes=timeout_minutes)
     )
+
+
+# Fused kernels a Bridge model provider may switch on; each needs a GPU or Transformer Engine.
+_BRIDGE_GPU_FUSIONS = (
+    "bias_activation_fusion",
+    "bias_dropout_fusion",
+    "masked_softmax_fusion",
+    "persist_layer_norm",
+    "gradient_accumulation_fusion",
+    "apply_rope_fusion",
+    "cross_entropy_loss_fusion",
+)
+
+
+def use_bridge_cpu_settings(cfg: Any) -> None:
+    """Switch a Bridge ``ConfigContainer`` to what runs on CPU; does nothing with CUDA.
+
+    gloo, Megatron-Core's local layer spec and attention (a provider with its own layer spec
+    keeps it and builds it locally), no fused kernels, fp32 weights and no mixed precision.
+    """
+    if cuda_available():
+        return
+    import dataclasses
+
+    from megatron.bridge.models.gpt_provider import local_layer_spec
+    from megatron.core.transformer.enums import AttnBackend
+
+    model = cfg.model
+    if getattr(model.transformer_layer_spec, "__module__", "").startswith("megatron.bridge"):
+        model.transformer_layer_spec = local_layer_spec
+    model.transformer_impl = "local"
+    model.attention_backend = AttnBackend.local
+    for fusion in _BRIDGE_GPU_FUSIONS:
+        if hasattr(model, fusion):
+            setattr(model, fusion, False)
+    model.bf16 = model.fp16 = False
+    model.params_dtype = torch.float32
+    model.pipeline_dtype = None
+    cfg.mixed_precision = None
+    if dataclasses.is_dataclass(cfg.optimizer):
+        cfg.optimizer.bf16 = cfg.optimizer.fp16 = False
+    cfg.dist.distributed_backend = "gloo"

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from megatron_eaft.models.checkpoint_dir import (
+    BRIDGE_TRAINING_STATE_KEY,
     TRAINING_STATE_KEY,
     Iteration,
     MegatronCheckpointError,
@@ -252,14 +253,19 @@ def load_checkpoint_into_model(
 
 
 def is_training_checkpoint(path: Path) -> bool:
-    """Whether the torch_dist directory was saved by the trainer (weights under "model")."""
+    """Whether the torch_dist directory was saved by a trainer, ours or Megatron-Bridge's
+    (weights under "model" next to optimizer state and training counters)."""
     from megatron.core import dist_checkpointing
 
-    return TRAINING_STATE_KEY in dist_checkpointing.load_common_state_dict(str(path))
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    return TRAINING_STATE_KEY in common or BRIDGE_TRAINING_STATE_KEY in common
 
 
-def load_model_weights(model: Any, root: str | os.PathLike) -> Path:
-    """Only the weights of the tracker's checkpoint under ``root``, at this run's layout.
+def load_model_weights(
+    model: Any, root: str | os.PathLike, *, iteration: Iteration | None = None
+) -> Path:
+    """Only the weights of a checkpoint under ``root`` (default: the tracker's), at this
+    run's layout.
 
     Converted checkpoints go through the converter's loader; fine-tuned ones (which also hold
     optimizer state) through Megatron's loader with the model's keys only, every one of which
@@ -268,9 +274,9 @@ def load_model_weights(model: Any, root: str | os.PathLike) -> Path:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    path = checkpoint_dir(root)
+    path = checkpoint_dir(root, iteration)
     if not is_training_checkpoint(path):
-        load_checkpoint_into_model(model, root)
+        load_checkpoint_into_model(model, root, iteration=iteration)
         return path
     loaded, _, absent = dist_checkpointing.load(
         {"model": model.sharded_state_dict()}, str(path), strict=StrictHandling.RETURN_ALL

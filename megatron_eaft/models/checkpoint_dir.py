@@ -27,6 +27,8 @@ HF_FILES_DIR = "hf"
 # The common-state key that marks a checkpoint saved by megatron-eaft's trainer: its model
 # weights sit under "model" next to optimizer state; converted checkpoints hold weights only.
 TRAINING_STATE_KEY = "megatron_eaft_trainer"
+# The common-state key Megatron-Bridge's trainer saves (its checkpoint format version).
+BRIDGE_TRAINING_STATE_KEY = "checkpoint_version"
 
 Iteration = int | str  # an iteration number, or RELEASE
 

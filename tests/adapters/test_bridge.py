@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,35 +14,12 @@ import torch
 
 from megatron_eaft.convert import verify
 from megatron_eaft.convert.engine import import_hf_checkpoint
-from megatron_eaft.megatron.launcher import WorkerPool
 from megatron_eaft.ops import EAFTConfig
 from tests.adapters import bridge_support
 from tests.glm4 import glm4_models
 from tests.megatron import tiny_gpt
 
 EAFT = EAFTConfig(kind="eaft", topk=8)
-
-
-@pytest.fixture(scope="module")
-def bridge_dist() -> Iterator[WorkerPool]:
-    """Workers that import megatron.bridge (with the TE placeholder), thrown away afterwards."""
-
-    def unavailable(reason: str) -> None:
-        if bridge_support.bridge_required():
-            pytest.fail(f"{reason} (and {bridge_support.REQUIRE_ENV} is set)")
-        pytest.skip(reason)
-
-    if not bridge_support.bridge_installed():
-        unavailable("megatron.bridge is not installed (uv sync --extra bridge)")
-    pool = WorkerPool(2)
-    try:
-        # Both workers import Bridge now, side by side, not one of them inside a later test.
-        problem = next(filter(None, pool.run(bridge_support.probe_import, 2)), "")
-        if problem:
-            unavailable(f"megatron.bridge cannot be imported: {problem}")
-        yield pool
-    finally:
-        pool.close()
 
 
 def _setup(tp: int, config: EAFTConfig | None = None):

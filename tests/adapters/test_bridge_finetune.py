@@ -1,0 +1,288 @@
+"""Megatron-Bridge's real ``finetune()`` on CPU gloo ranks (TP=2), both ways across our format.
+
+Qwen3: ``convert import`` -> Bridge finetune from it (``checkpoint.pretrained_checkpoint``)
+with Bridge's own forward step and with ``enable_eaft`` kind ``sft`` (equal losses, EAFT keys
+logged) -> ``convert export`` / ``verify`` of the checkpoint Bridge saved = the logits of
+Bridge's final model. Dense GLM-4 (which only our converter handles): ``convert import`` ->
+``examples/bridge/glm4_eaft_sft.py``'s config with EAFT -> ``convert export``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_eaft.convert import verify
+from megatron_eaft.convert.engine import export_megatron_checkpoint, import_hf_checkpoint
+from megatron_eaft.models.bridge_config import (
+    metadata_from_bridge_run_config,
+    read_bridge_run_config,
+    read_model_metadata,
+)
+from megatron_eaft.ops import EAFTConfig
+from tests.adapters import bridge_support
+from tests.convert import tiny_models
+from tests.glm4 import glm4_models
+
+TP = 2
+SEQ = 32
+ITERATIONS = 3
+GLOBAL_BATCH = 2
+EAFT_KEYS = ("eaft loss", "eaft/mean_weight", "eaft/mean_entropy", "eaft/confident_conflict_frac")
+GLM4_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "bridge" / "glm4_eaft_sft.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> dict[str, Path]:
+    """A tokenizer, SFT JSONL data, and tiny random Qwen3 / GLM-4 HF models converted by us."""
+    from megatron_eaft.demo.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("bridge_finetune")
+    texts = [f"question {i}: what is {i} plus {i + 1}? answer {2 * i + 1}" for i in range(40)]
+    tokenizer_dir = root / "tokenizer"
+    tokenizer = train_tokenizer(texts, 300, tokenizer_dir)
+    data = root / "data"
+    data.mkdir()
+    for split in ("training", "validation", "test"):
+        rows = [{"input": f"what is {i} plus {i + 1}?", "output": f"{2 * i + 1}"} for i in range(8)]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    vocab = len(tokenizer)
+    qwen3 = tiny_models.Case(
+        "Qwen3ForCausalLM", {"tie_word_embeddings": False, "head_dim": 24, "vocab_size": vocab}
+    )
+    models = {
+        "qwen3": tiny_models.random_model(tiny_models.hf_config(qwen3), seed=3),
+        "glm4": glm4_models.random_hf_model(
+            glm4_models.tiny_hf_config(vocab_size=vocab, num_hidden_layers=2), seed=4
+        ),
+    }
+    paths: dict[str, Path] = {"data": data}
+    for name, model in models.items():
+        hf_dir = root / f"{name}_hf"
+        model.save_pretrained(hf_dir)
+        tokenizer.save_pretrained(str(hf_dir))
+        import_hf_checkpoint(hf_dir, root / f"{name}_megatron", dtype="fp32", progress=False)
+        paths[f"{name}_hf"] = hf_dir
+        paths[f"{name}_megatron"] = root / f"{name}_megatron"
+    paths["root"] = root
+    return paths
+
+
+# ---- in the workers -----------------------------------------------------------------------
+
+
+def _cpu_run_settings(cfg, save_dir: str) -> None:
+    """A few tiny iterations on CPU: Bridge's recipe otherwise as it is."""
+    from megatron_eaft.megatron import cpu_runtime
+
+    cpu_runtime.use_bridge_cpu_settings(cfg)
+    cfg.model.tensor_model_parallel_size = TP
+    cfg.model.seq_length = SEQ
+    cfg.dataset.seq_length = SEQ
+    # Unpacked rows: offline packing is a data-preparation step of its own.
+    cfg.dataset.enable_offline_packing = False
+    cfg.dataset.offline_packing_specs = None
+    cfg.dataset.dataset_kwargs = {}
+    # DataLoader worker processes would import Bridge without the TE placeholder.
+    cfg.dataset.num_workers = 0
+    cfg.train.train_iters = ITERATIONS
+    cfg.train.global_batch_size = GLOBAL_BATCH
+    cfg.train.micro_batch_size = 1
+    cfg.validation.eval_interval = None
+    cfg.validation.eval_iters = 0
+    cfg.logger.tensorboard_dir = None
+    cfg.scheduler.lr_warmup_iters = 0
+    cfg.optimizer.lr = 1e-3
+    cfg.checkpoint.save = cfg.checkpoint.load = save_dir
+    cfg.checkpoint.save_interval = ITERATIONS
+
+
+def _finetune(cfg, forward_step, input_ids: torch.Tensor) -> dict:
+    """Bridge's finetune(); the loss report of every step and the final model's logits."""
+    from megatron.bridge.training.callbacks import Callback
+    from megatron.bridge.training.finetune import finetune
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    reports: list[dict[str, float]] = []
+    final: dict[str, torch.Tensor] = {}
+
+    class Record(Callback):
+        def on_train_step_end(self, context):
+            reports.append({key: float(value) for key, value in context.loss_dict.items()})
+
+        def on_train_end(self, context):
+            (model,) = context.model
+            model.eval()
+            positions = torch.arange(input_ids.size(1)).expand_as(input_ids)
+            with torch.no_grad():
+                logits = model(input_ids=input_ids, position_ids=positions, attention_mask=None)
+            final["logits"] = gather_from_tensor_model_parallel_region(logits).float()
+
+    # Megatron sets process-wide variables (NVTE_* for the attention backend) and so do Bridge
+    # recipes (env_vars): each job in this worker starts from and leaves the same environment.
+    environment = dict(os.environ)
+    for leftover in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
+        os.environ.pop(leftover, None)  # set by a model an earlier job built in this worker
+    try:
+        finetune(cfg, forward_step_func=forward_step, callbacks=[Record()])
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
+    return {"reports": reports, "logits": final["logits"]}
+
+
+def _tiny_qwen3_recipe(hf_dir: str, megatron_dir: str):
+    """Bridge's Qwen3 SFT recipe for a local HF model: its model and tokenizer lines
+    (``AutoBridge.from_hf_pretrained(...).to_megatron_provider``) on ``_sft_common()``."""
+    from megatron.bridge import AutoBridge
+    from megatron.bridge.recipes.common import _sft_common
+
+    cfg = _sft_common()
+    cfg.model = AutoBridge.from_hf_pretrained(hf_dir).to_megatron_provider(load_weights=False)
+    cfg.tokenizer.tokenizer_model = hf_dir
+    cfg.checkpoint.pretrained_checkpoint = megatron_dir
+    return cfg
+
+
+def _qwen3_job(paths: dict[str, str], input_ids: torch.Tensor) -> dict:
+    bridge_support.import_bridge()
+    from megatron_eaft.megatron import cpu_runtime
+
+    cpu_runtime.apply_bridge_cpu_patches()
+    from megatron.bridge.training import gpt_step
+
+    from megatron_eaft.megatron.bridge import enable_eaft, use_local_sft_data
+
+    results = {}
+    for name, use_eaft in (("bridge", False), ("eaft_sft", True)):
+        cfg = _tiny_qwen3_recipe(paths["qwen3_hf"], paths["qwen3_megatron"])
+        use_local_sft_data(cfg, paths["data"])
+        _cpu_run_settings(cfg, str(Path(paths["root"]) / f"qwen3_{name}"))
+        step = (
+            enable_eaft(cfg, EAFTConfig(kind="sft", diagnostics=True))
+            if use_eaft
+            else gpt_step.forward_step
+        )
+        results[name] = _finetune(cfg, step, input_ids)
+    return results
+
+
+def _glm4_job(paths: dict[str, str], input_ids: torch.Tensor) -> dict:
+    bridge_support.import_bridge()
+    from megatron_eaft.megatron import cpu_runtime
+
+    cpu_runtime.apply_bridge_cpu_patches()
+    from megatron_eaft.megatron.bridge import enable_eaft
+    from megatron_eaft.megatron.megatron_lm import eaft_config_from_args
+
+    spec = importlib.util.spec_from_file_location("glm4_eaft_sft", GLM4_EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    save = str(Path(paths["root"]) / "glm4_eaft")
+    # The README's command line, scaled down (the example's own argument parser).
+    args = example.parse_args(
+        [
+            "--megatron-checkpoint",
+            paths["glm4_megatron"],
+            "--save",
+            save,
+            "--tp",
+            str(TP),
+            "--seq-length",
+            str(SEQ),
+            "--train-iters",
+            str(ITERATIONS),
+            "--dataset-root",
+            paths["data"],
+            "--eaft-kind",
+            "eaft",
+            "--eaft-topk",
+            "8",
+        ]
+    )
+    cfg = example.glm4_sft_config(args)
+    _cpu_run_settings(cfg, save)
+    return _finetune(cfg, enable_eaft(cfg, eaft_config_from_args(args)), input_ids)
+
+
+# ---- the tests -----------------------------------------------------------------------------
+
+
+def _paths(tiny_run: dict[str, Path]) -> dict[str, str]:
+    return {key: str(path) for key, path in tiny_run.items()}
+
+
+def _export_equals_final_model(save_dir: Path, out: Path, input_ids, final_logits) -> None:
+    export_megatron_checkpoint(save_dir, out, progress=False, fsync=False)
+    expected = verify.hf_logits(out, input_ids)
+    torch.testing.assert_close(final_logits[..., : expected.size(-1)], expected, rtol=0, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_qwen3_from_our_conversion_through_bridge_finetune_and_back(bridge_dist, tiny_run):
+    vocab = read_model_metadata(tiny_run["qwen3_megatron"]).vocab_size
+    input_ids = verify.sample_inputs(vocab, batch=2, seq_len=12, seed=7)
+    results = bridge_dist.run(_qwen3_job, TP, _paths(tiny_run), input_ids, timeout=600)[0]
+
+    bridge, ours = results["bridge"]["reports"], results["eaft_sft"]["reports"]
+    assert len(bridge) == len(ours) == ITERATIONS
+    for bridge_step, our_step in zip(bridge, ours, strict=True):
+        assert bridge_step.keys() == {"lm loss"}
+        assert set(EAFT_KEYS) <= our_step.keys()
+        assert our_step["lm loss"] == bridge_step["lm loss"]  # exactly: kind sft is plain CE
+        assert our_step["eaft/mean_weight"] == 1.0
+    assert ours[-1]["lm loss"] < ours[0]["lm loss"]
+
+    save_dir = tiny_run["root"] / "qwen3_eaft_sft"
+    run_config = read_bridge_run_config(save_dir / f"iter_{ITERATIONS:07d}")
+    assert run_config["model"]["tensor_model_parallel_size"] == TP
+    _export_equals_final_model(
+        save_dir, tiny_run["root"] / "qwen3_export", input_ids, results["eaft_sft"]["logits"]
+    )
+    comparison = verify.verify_checkpoint(
+        tiny_run["root"] / "qwen3_export", save_dir, tp=TP, runner=bridge_dist.run
+    )
+    assert comparison.max_abs_diff < 1e-4 and comparison.top1_agreement == 1.0
+
+    # Without our metadata (moved) and the HF directory (a hub id), the provider's own fields
+    # describe the same model.
+    run_config["checkpoint"]["pretrained_checkpoint"] = str(tiny_run["root"] / "moved")
+    run_config["model"]["hf_model_id"] = "some-org/some-model"
+    mapped = metadata_from_bridge_run_config(run_config, "run_config.yaml")
+    original = read_model_metadata(tiny_run["qwen3_megatron"])
+    assert mapped.family == original.family == "qwen3"
+    assert _model_of(mapped) == _model_of(original)
+
+
+def _model_of(metadata) -> dict:
+    """What the family builds for the metadata's HF config (the trained length aside)."""
+    family = metadata.model_family
+    hf = family.hf(metadata.hf_config)
+    built = {**family.transformer_config_kwargs(hf), **family.gpt_model_kwargs(hf)}
+    built.pop("max_sequence_length", None)
+    return {**built, "vocab": metadata.vocab_size}
+
+
+@pytest.mark.slow
+def test_glm4_our_conversion_bridge_finetune_our_export(bridge_dist, tiny_run):
+    vocab = read_model_metadata(tiny_run["glm4_megatron"]).vocab_size
+    input_ids = verify.sample_inputs(vocab, batch=2, seq_len=12, seed=8)
+    result = bridge_dist.run(_glm4_job, TP, _paths(tiny_run), input_ids, timeout=600)[0]
+
+    reports = result["reports"]
+    assert len(reports) == ITERATIONS
+    assert all(set(EAFT_KEYS) <= step.keys() for step in reports)
+    assert any(step["eaft/mean_weight"] < 1.0 for step in reports)
+    _export_equals_final_model(
+        tiny_run["root"] / "glm4_eaft",
+        tiny_run["root"] / "glm4_export",
+        input_ids,
+        result["logits"],
+    )
+    exported = json.loads((tiny_run["root"] / "glm4_export" / "config.json").read_text())
+    assert exported["architectures"] == ["Glm4ForCausalLM"]
