@@ -51,7 +51,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
+    from megatron_eaft.launch import die_with_launcher
     from megatron_eaft.train.config import ConfigError, load_config
+
+    # First: a torchrun killed during the seconds of start-up must not leave this worker behind.
+    die_with_launcher()
 
     try:
         config = load_config(args.config, [*args.set_overrides, *args.overrides])

@@ -1,0 +1,73 @@
+"""A run's life as the user drives it: torchrun killed with -9, a second run on the same save.
+
+Real processes: `megatron-eaft finetune` under torchrun (two workers), killed while training.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.processes import children, running
+from tests.train.test_resume import (
+    WORLD_SIZE,
+    _free_port,
+    finetune_command,
+    metrics_iterations,
+    run_config,
+    start,
+    wait_for,
+)
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launch_torchrun(config: dict, out: Path) -> subprocess.Popen:
+    """`torchrun --nproc-per-node WORLD_SIZE -m megatron_eaft.cli.main finetune`."""
+    finetune = finetune_command(config, out)
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARIABLES}
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // WORLD_SIZE))
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={WORLD_SIZE}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={_free_port()}",
+    ]
+    return start([*torchrun, *finetune[1:]], env, out / "torchrun.log")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc (Linux)")
+def test_kill_9_of_torchrun_stops_its_workers(tiny_checkpoint, packed_dataset, tmp_path):
+    config = run_config(
+        tiny_checkpoint, packed_dataset, tmp_path / "run", {"train": {"iterations": 100000}}
+    )
+    torchrun = launch_torchrun(config, tmp_path / "run")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    workers: list[int] = []
+    try:
+        wait_for(lambda: len(metrics_iterations(metrics)) >= 1, [torchrun], 300, "iteration 1")
+        workers = children(torchrun.pid)
+        assert len(workers) == WORLD_SIZE, workers
+        os.kill(torchrun.pid, signal.SIGKILL)
+        torchrun.wait()
+        deadline = time.monotonic() + 10
+        while any(map(running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(running, workers)), "the workers outlived torchrun"
+        steps = len(metrics_iterations(metrics))
+        time.sleep(1.0)
+        assert len(metrics_iterations(metrics)) == steps, "training went on after the kill"
+    finally:
+        if torchrun.poll() is None:
+            os.killpg(torchrun.pid, signal.SIGKILL)
+        for pid in workers:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
