@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megatron_eaft.train.run_lock import RunLock
 
 DESCRIPTION = """\
 Fine-tune a converted checkpoint with the EAFT loss on Megatron-Core (TP/PP/CP/DP, distributed
@@ -51,8 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from megatron_eaft.launch import die_with_launcher
+    from megatron_eaft.launch import LaunchEnvError, die_with_launcher
     from megatron_eaft.train.config import ConfigError, load_config
+    from megatron_eaft.train.run_lock import RunLockError
 
     # First: a torchrun killed during the seconds of start-up must not leave this worker behind.
     die_with_launcher()
@@ -65,6 +70,18 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
+    try:
+        lock = _lock_save_dir(config.checkpoint.save)
+    except (LaunchEnvError, RunLockError) as error:
+        print(f"megatron-eaft finetune: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(
+            f"megatron-eaft finetune: configuration error: checkpoint.save: cannot use "
+            f"{config.checkpoint.save}: {error.strerror}",
+            file=sys.stderr,
+        )
+        return 2
     from megatron_eaft.train.trainer import main_worker
 
     try:
@@ -72,3 +89,20 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"megatron-eaft finetune: configuration error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_save_dir(save_dir: str | None) -> RunLock | None:
+    """Rank 0 locks checkpoint.save for the run, before the seconds of imports and model build.
+
+    The other ranks do not look: when rank 0 stops here, torchrun (or srun --kill-on-bad-exit)
+    stops them.
+    """
+    from megatron_eaft.launch import resolve_launch_env
+    from megatron_eaft.train.run_lock import acquire_run_lock
+
+    if save_dir is None or not resolve_launch_env().is_main:
+        return None
+    return acquire_run_lock(save_dir)

@@ -1,4 +1,4 @@
-"""A run's life as the user drives it: torchrun killed with -9, a second run on the same save.
+"""A run's life as the user drives it: a second run on the same save, torchrun killed with -9.
 
 Real processes: `megatron-eaft finetune` under torchrun (two workers), killed while training.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from megatron_eaft.train.run_lock import acquire_run_lock
 from tests.processes import children, running
 from tests.train.test_resume import (
+    REPO,
     WORLD_SIZE,
     _free_port,
     finetune_command,
@@ -45,7 +48,9 @@ def launch_torchrun(config: dict, out: Path) -> subprocess.Popen:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc (Linux)")
-def test_kill_9_of_torchrun_stops_its_workers(tiny_checkpoint, packed_dataset, tmp_path):
+def test_second_run_is_refused_and_kill_9_of_torchrun_stops_the_workers(
+    tiny_checkpoint, packed_dataset, tmp_path
+):
     config = run_config(
         tiny_checkpoint, packed_dataset, tmp_path / "run", {"train": {"iterations": 100000}}
     )
@@ -56,6 +61,21 @@ def test_kill_9_of_torchrun_stops_its_workers(tiny_checkpoint, packed_dataset, t
         wait_for(lambda: len(metrics_iterations(metrics)) >= 1, [torchrun], 300, "iteration 1")
         workers = children(torchrun.pid)
         assert len(workers) == WORLD_SIZE, workers
+
+        # The same command again, as one local process: refused, naming rank 0 of the first.
+        second = subprocess.run(
+            finetune_command(config, tmp_path / "second"),
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode == 2, second.stderr
+        assert f"(host {socket.gethostname()}, pid " in second.stderr
+        holder = int(second.stderr.split(", pid ")[1].split(",")[0])
+        assert holder in workers
+        assert "Traceback" not in second.stderr
+
         os.kill(torchrun.pid, signal.SIGKILL)
         torchrun.wait()
         deadline = time.monotonic() + 10
@@ -65,6 +85,8 @@ def test_kill_9_of_torchrun_stops_its_workers(tiny_checkpoint, packed_dataset, t
         steps = len(metrics_iterations(metrics))
         time.sleep(1.0)
         assert len(metrics_iterations(metrics)) == steps, "training went on after the kill"
+        # The killed run's lock went with it.
+        acquire_run_lock(config["checkpoint"]["save"]).release()
     finally:
         if torchrun.poll() is None:
             os.killpg(torchrun.pid, signal.SIGKILL)
