@@ -17,8 +17,9 @@ On a machine without a GPU it runs on CPU with gloo (tests, demos).
 
 The configuration is a YAML file of sections; KEY=VALUE overrides (positional or with --set)
 change single keys, the value read as YAML:  optimizer.lr=2e-5  checkpoint.save=null
-SIGTERM saves a checkpoint at the end of the current step and exits 0; rerunning the same
-command resumes from checkpoint.save (exactly: same data order, optimizer and LR schedule).
+SIGTERM or Ctrl-C saves a checkpoint at the end of the current step and exits 0 (a second
+Ctrl-C aborts); rerunning the same command resumes from checkpoint.save (exactly: same data
+order, optimizer and LR schedule). One run at a time per checkpoint.save (a lock file there).
 """
 
 

@@ -12,7 +12,8 @@ One optimizer step (:meth:`Trainer.train_step`):
 4. the report sums are added over micro-batches and all-reduced over data parallel (+ context
    parallel), so the last pipeline stage holds the global-batch values.
 
-:meth:`Trainer.fit` adds logging, evaluation, periodic checkpoints, resume and SIGTERM handling.
+:meth:`Trainer.fit` adds logging, evaluation, periodic checkpoints, resume and stopping on
+SIGTERM / SIGINT (checkpoint at the step boundary).
 """
 
 from __future__ import annotations
@@ -80,26 +81,55 @@ class FitResult:
     eval_losses: dict[int, float] = field(default_factory=dict)
 
 
-class _SignalFlag:
-    """Remembers a SIGTERM until the end of the step (installed only in the main thread)."""
+class StopSignals:
+    """SIGTERM and SIGINT (Ctrl-C) ask the fit loop to stop at the end of the current step.
+
+    The loop then saves a checkpoint and returns normally (exit 0). A second SIGINT aborts at
+    once: SIGINT is back at its default action after the first, which stops the process even
+    inside a collective that never returns. Repeated SIGTERMs are one request (srun and torchrun
+    may both deliver it). Handlers are installed only in the main thread.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.received = False
-        self._previous: Any = None
+        self.received: str | None = None  # the first signal's name
+        self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
-        self.received = True
+        first = self.received is None
+        if first:
+            self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if first and _announces():
+            # os.write, not print: a handler may interrupt a print in progress.
+            again = "; Ctrl-C again to abort" if signum == signal.SIGINT else ""
+            os.write(
+                2,
+                f"{self.received}: saving at the end of this step, then exiting{again}\n".encode(),
+            )
 
-    def __enter__(self) -> _SignalFlag:
+    def __enter__(self) -> StopSignals:
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handler)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handler)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+
+def _announces() -> bool:
+    """Whether this process prints what every rank does (the last rank, as the loop does)."""
+    if torch.distributed.is_initialized():
+        return _is_last_rank()
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    return not (rank.isdigit() and world.isdigit()) or int(rank) == int(world) - 1
 
 
 def _is_last_rank() -> bool:
@@ -467,7 +497,12 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------
 
-    def fit(self) -> FitResult:
+    def fit(self, stop: StopSignals | None = None) -> FitResult:
+        """Train to the configured end; a stop request (`stop`, by default SIGTERM and SIGINT
+        while fitting) ends the run at the next step boundary with a checkpoint."""
+        if stop is None:
+            with StopSignals() as stop:
+                return self.fit(stop)
         config = self.config
         if config.data.path is None:
             raise ConfigError("data.path", "is required to train (a prepare-data output)")
@@ -494,29 +529,31 @@ class Trainer:
         )
         last_saved = self.iteration if self.resume_from is not None else None
         try:
-            with _SignalFlag() as sigterm:
-                while self.iteration < total:
-                    microbatches = self.step_microbatches(dataset, plan, self.iteration)
-                    record = self.train_step(microbatches, dataset.seq_length)
-                    self._check_finite(record)
-                    result.records.append(record)
-                    logger.step(record)
-                    if self._eval_due():
-                        result.eval_losses[self.iteration] = loss = self.evaluate()
-                        logger.eval(self.iteration, loss)
-                    stop = _any_rank(sigterm.received)
-                    if config.checkpoint.save is not None and (
-                        stop or self._save_due() or self.iteration == total
-                    ):
-                        self.save()
-                        last_saved = self.iteration
-                    if stop:
-                        _print_last_rank(
-                            f"SIGTERM: stopped after iteration {self.iteration}"
-                            + (" (checkpoint saved)" if last_saved == self.iteration else "")
-                        )
-                        result.stopped_by_signal = True
-                        break
+            if _any_rank(stop.received is not None):  # during start-up: nothing new to save
+                _print_last_rank(f"{stop.received}: stopped before iteration {self.iteration + 1}")
+                result.stopped_by_signal = True
+            while self.iteration < total and not result.stopped_by_signal:
+                microbatches = self.step_microbatches(dataset, plan, self.iteration)
+                record = self.train_step(microbatches, dataset.seq_length)
+                self._check_finite(record)
+                result.records.append(record)
+                logger.step(record)
+                if self._eval_due():
+                    result.eval_losses[self.iteration] = loss = self.evaluate()
+                    logger.eval(self.iteration, loss)
+                stopping = _any_rank(stop.received is not None)
+                if config.checkpoint.save is not None and (
+                    stopping or self._save_due() or self.iteration == total
+                ):
+                    self.save()
+                    last_saved = self.iteration
+                if stopping:
+                    _print_last_rank(
+                        f"{stop.received or 'a stop request'}: stopped after iteration "
+                        f"{self.iteration}"
+                        + (" (checkpoint saved)" if last_saved == self.iteration else "")
+                    )
+                    result.stopped_by_signal = True
             if (
                 config.checkpoint.save is not None
                 and last_saved != self.iteration
@@ -646,25 +683,30 @@ def _report_order(key: str) -> tuple[int, str]:
     return (0 if key == "lm loss" else 1, key)
 
 
-def run_training(config: FinetuneConfig) -> FitResult:
+def run_training(config: FinetuneConfig, stop: StopSignals | None = None) -> FitResult:
     """Build a Trainer on the initialised process group, fit, release the loss hook."""
     trainer = Trainer(config)
     try:
-        return trainer.fit()
+        return trainer.fit(stop)
     finally:
         trainer.close()
 
 
 def main_worker(config: FinetuneConfig) -> int:
-    """Entry of one launched process (torchrun / srun / local launcher: env:// rendezvous)."""
+    """Entry of one launched process (torchrun / srun / local launcher: env:// rendezvous).
+
+    SIGTERM / SIGINT are caught from here on, so one arriving during the model build or the
+    checkpoint load stops the run cleanly too (exit 0).
+    """
     from megatron_eaft.launch import setup_launch_env
 
     setup_launch_env()
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    cpu_runtime.init_process_group_from_env()
-    try:
-        run_training(config)
-    finally:
-        cpu_runtime.destroy_parallel()
-        torch.distributed.destroy_process_group()
+    with StopSignals() as stop:
+        cpu_runtime.init_process_group_from_env()
+        try:
+            run_training(config, stop)
+        finally:
+            cpu_runtime.destroy_parallel()
+            torch.distributed.destroy_process_group()
     return 0

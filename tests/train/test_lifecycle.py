@@ -1,6 +1,7 @@
-"""A run's life as the user drives it: a second run on the same save, torchrun killed with -9.
+"""A run's life as the user drives it: a second run on the same save, torchrun killed with -9,
+Ctrl-C.
 
-Real processes: `megatron-eaft finetune` under torchrun (two workers), killed while training.
+Real processes: `megatron-eaft finetune` under torchrun (two workers), stopped while training.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from megatron_eaft.train.checkpointing import latest_iteration
 from megatron_eaft.train.run_lock import acquire_run_lock
+from megatron_eaft.train.trainer import StopSignals
 from tests.processes import children, running
 from tests.train.test_resume import (
     REPO,
@@ -36,6 +39,9 @@ def launch_torchrun(config: dict, out: Path) -> subprocess.Popen:
     finetune = finetune_command(config, out)
     env = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARIABLES}
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // WORLD_SIZE))
+    # torchrun SIGKILLs workers 30 s after passing a signal on; a loaded CI machine can need
+    # longer for the step and the save.
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = "300"
     torchrun = [
         sys.executable,
         "-m",
@@ -93,3 +99,41 @@ def test_second_run_is_refused_and_kill_9_of_torchrun_stops_the_workers(
         for pid in workers:
             if running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc (Linux)")
+def test_ctrl_c_under_torchrun_saves_at_the_step_end(tiny_checkpoint, packed_dataset, tmp_path):
+    # Ctrl-C reaches torchrun only (its workers sit in their own sessions); torchrun passes
+    # SIGINT on to them.
+    config = run_config(
+        tiny_checkpoint, packed_dataset, tmp_path / "run", {"train": {"iterations": 100000}}
+    )
+    torchrun = launch_torchrun(config, tmp_path / "run")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        wait_for(lambda: len(metrics_iterations(metrics)) >= 2, [torchrun], 300, "iteration 2")
+        torchrun.send_signal(signal.SIGINT)
+        # torch elastic re-raises the signal in torchrun itself: exit 1 whatever the workers do.
+        assert torchrun.wait(timeout=120) == 1
+    finally:
+        if torchrun.poll() is None:
+            os.killpg(torchrun.pid, signal.SIGKILL)
+    log = (tmp_path / "run" / "torchrun.log").read_text()
+    stopped = latest_iteration(tmp_path / "run" / "checkpoints")
+    assert isinstance(stopped, int) and stopped >= 2
+    assert f"SIGINT: stopped after iteration {stopped} (checkpoint saved)" in log
+    assert sorted(metrics_iterations(metrics)) == list(range(1, stopped + 1))
+    assert "KeyboardInterrupt" not in log
+    assert "forcefully exiting" not in log  # every worker was done before torchrun's timeout
+    assert "ChildFailedError" not in log  # ... and exited 0
+
+
+def test_stop_signals_remember_the_first_and_arm_a_second_ctrl_c():
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == "SIGTERM"
+        # The next Ctrl-C takes SIGINT's default action: the process stops, whatever it is in.
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
