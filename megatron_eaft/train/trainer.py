@@ -132,6 +132,18 @@ def _announces() -> bool:
     return not (rank.isdigit() and world.isdigit()) or int(rank) == int(world) - 1
 
 
+# The scheduler's values set by the configuration (key named in errors), and those that follow
+# from the run's length, which `Trainer._reconcile_schedule` lets change.
+_SCHEDULE_KEYS = {
+    "max_lr": "optimizer.lr",
+    "min_lr": "optimizer.min_lr",
+    "lr_decay_style": "optimizer.decay_style",
+    "start_wd": "optimizer.weight_decay",
+    "end_wd": "optimizer.weight_decay",
+}
+_SCHEDULE_LENGTHS = ("lr_warmup_steps", "lr_decay_steps", "wd_incr_steps")
+
+
 def _is_last_rank() -> bool:
     return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
 
@@ -259,7 +271,9 @@ class Trainer:
         self.model.config.grad_scale_func = optimizer.scale_loss
         return optimizer
 
-    def build_scheduler(self, total_iterations: int) -> None:
+    def build_scheduler(self, total_iterations: int, *, recompute: bool = False) -> None:
+        """Warm-up + decay over `total_iterations`. With `recompute`, a resumed checkpoint
+        keeps only its step count and the schedule is this one (see `_reconcile_schedule`)."""
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         opt = self.config.optimizer
@@ -277,14 +291,41 @@ class Trainer:
             end_wd=opt.weight_decay,
             wd_incr_steps=max(total_iterations, 1),
             wd_incr_style="constant",
-            # Resuming with a changed schedule is a configuration error, not a silent switch.
+            # Resuming with a changed schedule is a configuration error, not a silent switch;
+            # a changed run length is reconciled before loading (recompute).
             use_checkpoint_opt_param_scheduler=False,
+            override_opt_param_scheduler=recompute,
         )
+
+    def _reconcile_schedule(self, saved: dict[str, Any]) -> bool:
+        """Compare the checkpoint's LR schedule with this config's before loading it.
+
+        A changed run length (train.iterations / train.epochs raised to extend a finished run,
+        or a changed warm-up) recomputes the schedule for the new length: the run continues at
+        the checkpoint's step on the schedule it would have had with that length from the
+        start. Any other change is refused naming its key. Returns whether it recomputed.
+        """
+        current = self.scheduler.state_dict()
+        for name, key in _SCHEDULE_KEYS.items():
+            if saved.get(name) != current[name]:
+                raise ConfigError(
+                    key,
+                    f"is {current[name]!r} but the run in {self.resume_from} was trained with "
+                    f"{saved.get(name)!r}; set it back to resume that run, or start a new run "
+                    f"(another checkpoint.save, with model.checkpoint={self.resume_from} for "
+                    "its weights)",
+                )
+        if all(saved.get(name) == current[name] for name in _SCHEDULE_LENGTHS):
+            return False
+        self.build_scheduler(self.total_iterations, recompute=True)
+        return True
 
     def resume(self) -> dict[str, Any] | None:
         """Load the latest checkpoint of the resume root, if there is one."""
         if self.resume_from is None:
             return None
+        saved = checkpointing.saved_schedule(self.resume_from)
+        recomputed = saved is not None and self._reconcile_schedule(saved)
         state = checkpointing.load_checkpoint(
             self.resume_from, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
         )
@@ -293,6 +334,13 @@ class Trainer:
             f"resumed from {self.resume_from} at iteration {self.iteration}"
             + ("" if state["rng_restored"] else " (new layout: RNG state re-seeded)")
         )
+        if recomputed:
+            _print_last_rank(
+                f"LR schedule recomputed for the new run length: {saved['lr_decay_steps']} -> "
+                f"{self.total_iterations} iterations, warm-up {saved['lr_warmup_steps']} -> "
+                f"{self.scheduler.lr_warmup_steps}; the learning rate continues at "
+                f"{self._learning_rate():.3E}"
+            )
         return state
 
     # -- data -----------------------------------------------------------------------------
@@ -516,6 +564,14 @@ class Trainer:
             removed = checkpointing.remove_incomplete(config.checkpoint.save)
             for path in removed:
                 print(f"removed incomplete checkpoint {path}", flush=True)
+        saved_iteration = checkpointing.latest_iteration(self.resume_from)
+        if isinstance(saved_iteration, int) and saved_iteration > total:
+            key = "train.iterations" if config.train.iterations is not None else "train.epochs"
+            raise ConfigError(
+                key,
+                f"gives {total} iterations but the checkpoint in {self.resume_from} is already "
+                f"at iteration {saved_iteration}: raise it to continue that run",
+            )
         self.resume()
         result = FitResult(start_iteration=self.iteration)
         plan = self.batch_plan(dataset, shuffle=config.data.shuffle)
