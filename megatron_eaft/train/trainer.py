@@ -96,6 +96,11 @@ class StopSignals:
         self.received: str | None = None  # the first signal's name
         self._previous: dict[int, Any] = {}
 
+    @property
+    def reason(self) -> str:
+        """What the stop message names (another rank may have received the signal)."""
+        return self.received or "a signal on another rank"
+
     def _handler(self, signum: int, frame: Any) -> None:
         first = self.received is None
         if first:
@@ -586,7 +591,7 @@ class Trainer:
         last_saved = self.iteration if self.resume_from is not None else None
         try:
             if _any_rank(stop.received is not None):  # during start-up: nothing new to save
-                _print_last_rank(f"{stop.received}: stopped before iteration {self.iteration + 1}")
+                _print_last_rank(f"{stop.reason}: stopped before iteration {self.iteration + 1}")
                 result.stopped_by_signal = True
             while self.iteration < total and not result.stopped_by_signal:
                 microbatches = self.step_microbatches(dataset, plan, self.iteration)
@@ -605,8 +610,7 @@ class Trainer:
                     last_saved = self.iteration
                 if stopping:
                     _print_last_rank(
-                        f"{stop.received or 'a stop request'}: stopped after iteration "
-                        f"{self.iteration}"
+                        f"{stop.reason}: stopped after iteration {self.iteration}"
                         + (" (checkpoint saved)" if last_saved == self.iteration else "")
                     )
                     result.stopped_by_signal = True

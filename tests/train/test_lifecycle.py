@@ -20,6 +20,7 @@ from megatron_eaft.train.checkpointing import latest_iteration
 from megatron_eaft.train.run_lock import acquire_run_lock
 from megatron_eaft.train.trainer import StopSignals
 from tests.processes import children, running
+from tests.train import helpers
 from tests.train.test_resume import (
     REPO,
     WORLD_SIZE,
@@ -137,3 +138,24 @@ def test_stop_signals_remember_the_first_and_arm_a_second_ctrl_c():
         assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def fit_after_an_early_signal(checkpoint: Path, data: Path, save: Path) -> tuple[int, bool]:
+    from megatron_eaft.train.trainer import run_training
+
+    stop = StopSignals()
+    stop.received = "SIGTERM"  # as if it came during the model build
+    result = run_training(
+        helpers.finetune_config(checkpoint, data, f"checkpoint.save={save}"), stop
+    )
+    return len(result.records), result.stopped_by_signal
+
+
+def test_a_signal_during_start_up_stops_before_the_first_step(
+    dist, tiny_checkpoint, packed_dataset, tmp_path
+):
+    save = tmp_path / "ckpt"
+    assert dist.run(fit_after_an_early_signal, 1, tiny_checkpoint, packed_dataset, save) == [
+        (0, True)
+    ]
+    assert latest_iteration(save) is None  # nothing new to save
