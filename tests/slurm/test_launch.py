@@ -253,7 +253,7 @@ def test_env_init_with_torch_distributed():
 # --- dying with the launcher -----------------------------------------------------------------
 
 # A stand-in for torchrun's agent: starts one worker in its own session (as torchrun does),
-# prints its pid, and waits. The worker calls die_with_launcher and sleeps.
+# prints its pid, and waits. The worker calls die_with_launcher, says so and sleeps.
 _LAUNCHER = """
 import subprocess, sys, time
 worker = subprocess.Popen([sys.executable, "-c", sys.argv[1]], start_new_session=True)
@@ -264,6 +264,7 @@ _WORKER = """
 import time
 from megatron_eaft.launch import die_with_launcher
 assert die_with_launcher(parent_death_signal={pdeathsig}, interval={interval})
+print("armed", flush=True)
 time.sleep(600)
 """
 
@@ -284,7 +285,7 @@ def test_worker_dies_with_a_killed_launcher(pdeathsig, interval):
     )
     worker = int(launcher.stdout.readline())
     try:
-        time.sleep(1.0)  # the worker has imported and armed itself
+        assert launcher.stdout.readline().strip() == "armed"  # the worker's own line
         assert running(worker)
         launcher.kill()
         launcher.wait()
