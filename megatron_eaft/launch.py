@@ -13,20 +13,32 @@ The same training command runs unchanged
 ``WORLD_SIZE`` and ``LOCAL_RANK`` so that ``torch.distributed.init_process_group`` with the
 default ``env://`` init method works. No torch or Megatron import: this runs before them.
 
+`die_with_launcher()` ties a torchrun worker's life to the agent that started it: torchrun puts
+each worker in its own session, so a ``kill -9`` of torchrun would otherwise leave them training.
+
 Run ``python -m megatron_eaft.launch`` (e.g. under ``srun``) to print what each task resolves.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+import logging
 import os
 import re
+import signal
+import sys
+import threading
+import time
 import warnings
 from collections.abc import Mapping, MutableMapping
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 LaunchSource = Literal["torchrun", "slurm", "local"]
+
+logger = logging.getLogger(__name__)
 
 LOCAL_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29500
@@ -265,6 +277,73 @@ def setup_launch_env(
     if export:
         export_launch_env(launch_env, environ)
     return launch_env
+
+
+# --- dying with the launcher -----------------------------------------------------------------
+
+# <linux/prctl.h>
+_PR_SET_PDEATHSIG = 1
+# How often the watchdog looks at the parent pid.
+WATCHDOG_INTERVAL_S = 1.0
+
+
+def _set_parent_death_signal(signum: int) -> bool:
+    """prctl(PR_SET_PDEATHSIG): the kernel sends `signum` when the parent exits (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _kill_self_when_orphaned(parent_pid: int, interval: float) -> None:
+    while True:
+        time.sleep(interval)
+        if os.getppid() != parent_pid:
+            # SIGKILL, not an exception: a clean shutdown would wait in collectives that the
+            # dead launcher's other workers never join.
+            logger.error(
+                "the launcher (pid %d) is gone: stopping this worker (pid %d)",
+                parent_pid,
+                os.getpid(),
+            )
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def die_with_launcher(
+    environ: Mapping[str, str] | None = None,
+    *,
+    parent_death_signal: bool = True,
+    interval: float = WATCHDOG_INTERVAL_S,
+) -> bool:
+    """Under torchrun, make this worker die (SIGKILL) when the torchrun agent dies.
+
+    The kernel's parent-death signal covers the common case at once; a watchdog thread that
+    sees the parent pid change covers the rest (non-Linux, a libc without prctl). The death
+    signal follows the parent *thread* that started the worker, which in torchrun's agent is
+    its main thread, i.e. the agent's whole life. A launcher that died between starting this
+    process and this call goes unnoticed: the parent pid is then already init's or a
+    subreaper's, which is also what a container's torchrun (pid 1) looks like.
+
+    Only under torchrun (TORCHELASTIC_RUN_ID set), where the parent is the launcher: a local
+    process's parent is the user's shell, which may legitimately exit first (nohup), and srun's
+    tasks are killed by slurmstepd. Returns whether it installed anything.
+    """
+    environ = os.environ if environ is None else environ
+    if "TORCHELASTIC_RUN_ID" not in environ:
+        return False
+    parent_pid = os.getppid()
+    if parent_death_signal:
+        _set_parent_death_signal(signal.SIGKILL)
+    threading.Thread(
+        target=_kill_self_when_orphaned,
+        args=(parent_pid, interval),
+        name="megatron-eaft-launcher-watchdog",
+        daemon=True,
+    ).start()
+    return True
 
 
 def main() -> int:

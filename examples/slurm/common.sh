@@ -94,6 +94,9 @@ eaft_setup_env() {
   # Saving or loading a 32B torch_dist checkpoint can keep ranks out of collectives for
   # minutes; the default 8-minute watchdog would kill the job.
   export TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=${TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC:-1800}
+  # LAUNCHER=torchrun: torchrun SIGKILLs workers 30 s (its default) after passing SIGTERM on,
+  # which can cut a large checkpoint save short; the job's time limit bounds the wait anyway.
+  export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
   export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
   export TOKENIZERS_PARALLELISM=false
   export HF_HUB_OFFLINE=1 # compute nodes read $HF_DIR; nothing is downloaded

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from megatron_eaft.cli.reporting import report_error
+
+if TYPE_CHECKING:
+    from megatron_eaft.train.run_lock import RunLock
 
 DESCRIPTION = """\
 Fine-tune a converted checkpoint with the EAFT loss on Megatron-Core (TP/PP/CP/DP, distributed
@@ -14,8 +18,9 @@ On a machine without a GPU it runs on CPU with gloo (tests, demos).
 
 The configuration is a YAML file of sections; KEY=VALUE overrides (positional or with --set)
 change single keys, the value read as YAML:  optimizer.lr=2e-5  checkpoint.save=null
-SIGTERM saves a checkpoint at the end of the current step and exits 0; rerunning the same
-command resumes from checkpoint.save (exactly: same data order, optimizer and LR schedule).
+SIGTERM or Ctrl-C saves a checkpoint at the end of the current step and exits 0 (a second
+Ctrl-C aborts); rerunning the same command resumes from checkpoint.save (exactly: same data
+order, optimizer and LR schedule). One run at a time per checkpoint.save (a lock file there).
 """
 
 
@@ -56,7 +61,12 @@ def _config_error(error: Exception) -> int:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
+    from megatron_eaft.launch import LaunchEnvError, die_with_launcher
     from megatron_eaft.train.config import ConfigError, load_config
+    from megatron_eaft.train.run_lock import RunLockError
+
+    # First: a torchrun killed during the seconds of start-up must not leave this worker behind.
+    die_with_launcher()
 
     try:
         config = load_config(args.config, [*args.set_overrides, *args.overrides])
@@ -71,6 +81,14 @@ def run(args: argparse.Namespace) -> int:
         preflight(config)
     except ConfigError as error:
         return _config_error(error)
+    try:
+        lock = _lock_save_dir(config.checkpoint.save)
+    except (LaunchEnvError, RunLockError) as error:
+        return report_error("megatron-eaft finetune", error, 2)
+    except OSError as error:
+        return _config_error(
+            f"checkpoint.save: cannot use {config.checkpoint.save}: {error.strerror}"
+        )
     from megatron_eaft.outputs import DiskFullError
     from megatron_eaft.train.trainer import main_worker
 
@@ -81,3 +99,20 @@ def run(args: argparse.Namespace) -> int:
     except DiskFullError as error:
         # Every rank's save failed the same way; the last checkpoint is intact.
         return report_error("megatron-eaft finetune: error", error, 1)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_save_dir(save_dir: str | None) -> RunLock | None:
+    """Rank 0 locks checkpoint.save for the run, before the seconds of imports and model build.
+
+    The other ranks do not look: when rank 0 stops here, torchrun (or srun --kill-on-bad-exit)
+    stops them.
+    """
+    from megatron_eaft.launch import resolve_launch_env
+    from megatron_eaft.train.run_lock import acquire_run_lock
+
+    if save_dir is None or not resolve_launch_env().is_main:
+        return None
+    return acquire_run_lock(save_dir)

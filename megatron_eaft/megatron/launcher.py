@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import sys
 import time
@@ -84,6 +85,16 @@ def _reports_idle(conn: Connection) -> bool:
         return False
 
 
+def _round_trips(exc: BaseException) -> BaseException | None:
+    """`exc` if it survives pickling both ways, else None: an exception that pickles but does
+    not unpickle (a custom __init__ without __reduce__) would fail in the parent's recv."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return None
+    return exc
+
+
 def _end_job() -> None:
     import torch
 
@@ -121,11 +132,7 @@ def _worker_main(conn: Connection, preload: bool) -> None:
         except BaseException as exc:
             # Report before tearing down: teardown can block while peers sit in a
             # collective, and then the parent replaces this worker.
-            formatted = traceback.format_exc()
-            try:
-                conn.send(("error", formatted, exc))
-            except Exception:  # the exception itself may not pickle
-                conn.send(("error", formatted, None))
+            conn.send(("error", traceback.format_exc(), _round_trips(exc)))
             _end_job()
             # Torn down cleanly: the parent may keep this worker (and its imports).
             conn.send(("idle", None))

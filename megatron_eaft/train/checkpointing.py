@@ -219,6 +219,12 @@ def _common_state(path: Path) -> dict[str, Any]:
     return dist_checkpointing.load_common_state_dict(str(path))
 
 
+def saved_schedule(root: str | os.PathLike) -> dict[str, Any] | None:
+    """The LR schedule (scheduler state dict) of the tracker's checkpoint under ``root``;
+    None for a checkpoint without one (not written by this trainer)."""
+    return _common_state(checkpoint_dir(root)).get("opt_param_scheduler")
+
+
 def load_checkpoint(
     root: str | os.PathLike, *, model: Any, optimizer: Any, scheduler: Any
 ) -> dict[str, Any]:

@@ -74,8 +74,13 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, message: str, source: str | None = None):
         self.key = key
+        self._arguments = (key, message, source)
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{key}: {message}")
+
+    def __reduce__(self) -> tuple:
+        # Picklable, so that a rank's ConfigError reaches the caller of a worker pool.
+        return (type(self), self._arguments)
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -197,11 +202,16 @@ class TrainSection:
             "train.iterations",
             "give exactly one of train.iterations or train.epochs",
         )
-        _check(self.iterations is None or self.iterations >= 0, "train.iterations", "must be >= 0")
+        # A run of no steps would only write a checkpoint identical to its start.
+        _check(
+            self.iterations is None or self.iterations >= 1,
+            "train.iterations",
+            f"must be >= 1 (a positive number of optimizer steps), got {self.iterations}",
+        )
         _check(
             self.epochs is None or (math.isfinite(self.epochs) and self.epochs > 0),
             "train.epochs",
-            "must be a positive number",
+            f"must be a positive number, got {self.epochs}",
         )
 
     def total_iterations(self, dataset_rows: int, global_batch_size: int) -> int:

@@ -12,7 +12,8 @@ One optimizer step (:meth:`Trainer.train_step`):
 4. the report sums are added over micro-batches and all-reduced over data parallel (+ context
    parallel), so the last pipeline stage holds the global-batch values.
 
-:meth:`Trainer.fit` adds logging, evaluation, periodic checkpoints, resume and SIGTERM handling.
+:meth:`Trainer.fit` adds logging, evaluation, periodic checkpoints, resume and stopping on
+SIGTERM / SIGINT (checkpoint at the step boundary).
 """
 
 from __future__ import annotations
@@ -83,26 +84,72 @@ class FitResult:
     evaluations: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
 
 
-class _SignalFlag:
-    """Remembers a SIGTERM until the end of the step (installed only in the main thread)."""
+class StopSignals:
+    """SIGTERM and SIGINT (Ctrl-C) ask the fit loop to stop at the end of the current step.
+
+    The loop then saves a checkpoint and returns normally (exit 0). A second SIGINT aborts at
+    once: SIGINT is back at its default action after the first, which stops the process even
+    inside a collective that never returns. Repeated SIGTERMs are one request (srun and torchrun
+    may both deliver it). Handlers are installed only in the main thread.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.received = False
-        self._previous: Any = None
+        self.received: str | None = None  # the first signal's name
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def reason(self) -> str:
+        """What the stop message names (another rank may have received the signal)."""
+        return self.received or "a signal on another rank"
 
     def _handler(self, signum: int, frame: Any) -> None:
-        self.received = True
+        first = self.received is None
+        if first:
+            self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if first and _announces():
+            # os.write, not print: a handler may interrupt a print in progress.
+            again = "; Ctrl-C again to abort" if signum == signal.SIGINT else ""
+            os.write(
+                2,
+                f"{self.received}: saving at the end of this step, then exiting{again}\n".encode(),
+            )
 
-    def __enter__(self) -> _SignalFlag:
+    def __enter__(self) -> StopSignals:
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handler)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handler)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+
+def _announces() -> bool:
+    """Whether this process prints what every rank does (the last rank, as the loop does)."""
+    if torch.distributed.is_initialized():
+        return _is_last_rank()
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    return not (rank.isdigit() and world.isdigit()) or int(rank) == int(world) - 1
+
+
+# The scheduler's values set by the configuration (key named in errors), and those that follow
+# from the run's length, which `Trainer._reconcile_schedule` lets change.
+_SCHEDULE_KEYS = {
+    "max_lr": "optimizer.lr",
+    "min_lr": "optimizer.min_lr",
+    "lr_decay_style": "optimizer.decay_style",
+    "start_wd": "optimizer.weight_decay",
+    "end_wd": "optimizer.weight_decay",
+}
+_SCHEDULE_LENGTHS = ("lr_warmup_steps", "lr_decay_steps", "wd_incr_steps")
 
 
 def _is_last_rank() -> bool:
@@ -232,7 +279,9 @@ class Trainer:
         self.model.config.grad_scale_func = optimizer.scale_loss
         return optimizer
 
-    def build_scheduler(self, total_iterations: int) -> None:
+    def build_scheduler(self, total_iterations: int, *, recompute: bool = False) -> None:
+        """Warm-up + decay over `total_iterations`. With `recompute`, a resumed checkpoint
+        keeps only its step count and the schedule is this one (see `_reconcile_schedule`)."""
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         opt = self.config.optimizer
@@ -250,14 +299,41 @@ class Trainer:
             end_wd=opt.weight_decay,
             wd_incr_steps=max(total_iterations, 1),
             wd_incr_style="constant",
-            # Resuming with a changed schedule is a configuration error, not a silent switch.
+            # Resuming with a changed schedule is a configuration error, not a silent switch;
+            # a changed run length is reconciled before loading (recompute).
             use_checkpoint_opt_param_scheduler=False,
+            override_opt_param_scheduler=recompute,
         )
+
+    def _reconcile_schedule(self, saved: dict[str, Any]) -> bool:
+        """Compare the checkpoint's LR schedule with this config's before loading it.
+
+        A changed run length (train.iterations / train.epochs raised to extend a finished run,
+        or a changed warm-up) recomputes the schedule for the new length: the run continues at
+        the checkpoint's step on the schedule it would have had with that length from the
+        start. Any other change is refused naming its key. Returns whether it recomputed.
+        """
+        current = self.scheduler.state_dict()
+        for name, key in _SCHEDULE_KEYS.items():
+            if saved.get(name) != current[name]:
+                raise ConfigError(
+                    key,
+                    f"is {current[name]!r} but the run in {self.resume_from} was trained with "
+                    f"{saved.get(name)!r}; set it back to resume that run, or start a new run "
+                    f"(another checkpoint.save, with model.checkpoint={self.resume_from} for "
+                    "its weights)",
+                )
+        if all(saved.get(name) == current[name] for name in _SCHEDULE_LENGTHS):
+            return False
+        self.build_scheduler(self.total_iterations, recompute=True)
+        return True
 
     def resume(self) -> dict[str, Any] | None:
         """Load the latest checkpoint of the resume root, if there is one."""
         if self.resume_from is None:
             return None
+        saved = checkpointing.saved_schedule(self.resume_from)
+        recomputed = saved is not None and self._reconcile_schedule(saved)
         state = checkpointing.load_checkpoint(
             self.resume_from, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
         )
@@ -266,6 +342,13 @@ class Trainer:
             f"resumed from {self.resume_from} at iteration {self.iteration}"
             + ("" if state["rng_restored"] else " (new layout: RNG state re-seeded)")
         )
+        if recomputed:
+            _print_last_rank(
+                f"LR schedule recomputed for the new run length: {saved['lr_decay_steps']} -> "
+                f"{self.total_iterations} iterations, warm-up {saved['lr_warmup_steps']} -> "
+                f"{self.scheduler.lr_warmup_steps}; the learning rate continues at "
+                f"{self._learning_rate():.3E}"
+            )
         return state
 
     # -- data -----------------------------------------------------------------------------
@@ -476,7 +559,12 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------
 
-    def fit(self) -> FitResult:
+    def fit(self, stop: StopSignals | None = None) -> FitResult:
+        """Train to the configured end; a stop request (`stop`, by default SIGTERM and SIGINT
+        while fitting) ends the run at the next step boundary with a checkpoint."""
+        if stop is None:
+            with StopSignals() as stop:
+                return self.fit(stop)
         config = self.config
         if config.data.path is None:
             raise ConfigError("data.path", "is required to train (a prepare-data output)")
@@ -493,6 +581,14 @@ class Trainer:
             removed = checkpointing.remove_incomplete(config.checkpoint.save)
             for path in removed:
                 print(f"removed incomplete checkpoint {path}", flush=True)
+        saved_iteration = checkpointing.latest_iteration(self.resume_from)
+        if isinstance(saved_iteration, int) and saved_iteration > total:
+            key = "train.iterations" if config.train.iterations is not None else "train.epochs"
+            raise ConfigError(
+                key,
+                f"gives {total} iterations but the checkpoint in {self.resume_from} is already "
+                f"at iteration {saved_iteration}: raise it to continue that run",
+            )
         self.resume()
         result = FitResult(start_iteration=self.iteration)
         plan = self.batch_plan(dataset, shuffle=config.data.shuffle)
@@ -506,31 +602,32 @@ class Trainer:
         )
         last_saved = self.iteration if self.resume_from is not None else None
         try:
-            with _SignalFlag() as sigterm:
-                while self.iteration < total:
-                    microbatches = self.step_microbatches(dataset, plan, self.iteration)
-                    record = self.train_step(microbatches, dataset.seq_length)
-                    self._check_finite(record)
-                    result.records.append(record)
-                    logger.step(record)
-                    if self._eval_due():
-                        result.evaluations[self.iteration] = evaluation = self.evaluate()
-                        first = next(iter(evaluation.values()))
-                        result.eval_losses[self.iteration] = first.get("lm loss", float("nan"))
-                        logger.eval(self.iteration, evaluation)
-                    stop = _any_rank(sigterm.received)
-                    if config.checkpoint.save is not None and (
-                        stop or self._save_due() or self.iteration == total
-                    ):
-                        self.save()
-                        last_saved = self.iteration
-                    if stop:
-                        _print_last_rank(
-                            f"SIGTERM: stopped after iteration {self.iteration}"
-                            + (" (checkpoint saved)" if last_saved == self.iteration else "")
-                        )
-                        result.stopped_by_signal = True
-                        break
+            if _any_rank(stop.received is not None):  # during start-up: nothing new to save
+                _print_last_rank(f"{stop.reason}: stopped before iteration {self.iteration + 1}")
+                result.stopped_by_signal = True
+            while self.iteration < total and not result.stopped_by_signal:
+                microbatches = self.step_microbatches(dataset, plan, self.iteration)
+                record = self.train_step(microbatches, dataset.seq_length)
+                self._check_finite(record)
+                result.records.append(record)
+                logger.step(record)
+                if self._eval_due():
+                    result.evaluations[self.iteration] = evaluation = self.evaluate()
+                    first = next(iter(evaluation.values()))
+                    result.eval_losses[self.iteration] = first.get("lm loss", float("nan"))
+                    logger.eval(self.iteration, evaluation)
+                stopping = _any_rank(stop.received is not None)
+                if config.checkpoint.save is not None and (
+                    stopping or self._save_due() or self.iteration == total
+                ):
+                    self.save()
+                    last_saved = self.iteration
+                if stopping:
+                    _print_last_rank(
+                        f"{stop.reason}: stopped after iteration {self.iteration}"
+                        + (" (checkpoint saved)" if last_saved == self.iteration else "")
+                    )
+                    result.stopped_by_signal = True
             if (
                 config.checkpoint.save is not None
                 and last_saved != self.iteration
@@ -689,25 +786,30 @@ def _report_order(key: str) -> tuple[int, str]:
     return (0 if key == "lm loss" else 1, key)
 
 
-def run_training(config: FinetuneConfig) -> FitResult:
+def run_training(config: FinetuneConfig, stop: StopSignals | None = None) -> FitResult:
     """Build a Trainer on the initialised process group, fit, release the loss hook."""
     trainer = Trainer(config)
     try:
-        return trainer.fit()
+        return trainer.fit(stop)
     finally:
         trainer.close()
 
 
 def main_worker(config: FinetuneConfig) -> int:
-    """Entry of one launched process (torchrun / srun / local launcher: env:// rendezvous)."""
+    """Entry of one launched process (torchrun / srun / local launcher: env:// rendezvous).
+
+    SIGTERM / SIGINT are caught from here on, so one arriving during the model build or the
+    checkpoint load stops the run cleanly too (exit 0).
+    """
     from megatron_eaft.launch import setup_launch_env
 
     setup_launch_env()
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    cpu_runtime.init_process_group_from_env()
-    try:
-        run_training(config)
-    finally:
-        cpu_runtime.destroy_parallel()
-        torch.distributed.destroy_process_group()
+    with StopSignals() as stop:
+        cpu_runtime.init_process_group_from_env()
+        try:
+            run_training(config, stop)
+        finally:
+            cpu_runtime.destroy_parallel()
+            torch.distributed.destroy_process_group()
     return 0

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from megatron_eaft.launch import (
     LaunchEnv,
     LaunchEnvError,
+    die_with_launcher,
     parse_nodelist,
     resolve_launch_env,
     setup_launch_env,
 )
+from tests.processes import running
+
+REPO = Path(__file__).resolve().parents[2]
 
 # What srun exports to task 11 of a 4-node x 8-GPU job step.
 SRUN_TASK_11 = {
@@ -237,3 +248,56 @@ def test_env_init_with_torch_distributed():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0", "1", "slurm"]
+
+
+# --- dying with the launcher -----------------------------------------------------------------
+
+# A stand-in for torchrun's agent: starts one worker in its own session (as torchrun does),
+# prints its pid, and waits. The worker calls die_with_launcher, says so and sleeps.
+_LAUNCHER = """
+import subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", sys.argv[1]], start_new_session=True)
+print(worker.pid, flush=True)
+time.sleep(600)
+"""
+_WORKER = """
+import time
+from megatron_eaft.launch import die_with_launcher
+assert die_with_launcher(parent_death_signal={pdeathsig}, interval={interval})
+print("armed", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (Linux)")
+# Each mechanism alone: the kernel's death signal with a watchdog too slow to matter, the
+# watchdog without the death signal.
+@pytest.mark.parametrize(
+    ("pdeathsig", "interval"), [(True, 600), (False, 0.1)], ids=["prctl", "watchdog"]
+)
+def test_worker_dies_with_a_killed_launcher(pdeathsig, interval):
+    environ = {**os.environ, "TORCHELASTIC_RUN_ID": "test", "PYTHONPATH": str(REPO)}
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER, _WORKER.format(pdeathsig=pdeathsig, interval=interval)],
+        env=environ,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    worker = int(launcher.stdout.readline())
+    try:
+        assert launcher.stdout.readline().strip() == "armed"  # the worker's own line
+        assert running(worker)
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 5
+        while running(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not running(worker), "the worker outlived its launcher"
+    finally:
+        if running(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def test_die_with_launcher_only_under_torchrun():
+    # A local process's parent is the user's shell, which may exit first (nohup).
+    assert not die_with_launcher({"RANK": "0", "WORLD_SIZE": "1"})

@@ -56,11 +56,37 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(config: dict, out: Path) -> list[subprocess.Popen]:
-    """`megatron-eaft finetune` as WORLD_SIZE processes, one process group each."""
+def finetune_command(config: dict, out: Path) -> list[str]:
+    """Writes the config to out/run.yaml; `python -m megatron_eaft.cli.main finetune` on it."""
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "run.yaml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return [
+        sys.executable,
+        "-m",
+        "megatron_eaft.cli.main",
+        "finetune",
+        "--config",
+        str(config_path),
+    ]
+
+
+def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`command` in its own session (as torchrun starts workers), output to `log`."""
+    with open(log, "w") as handle:
+        return subprocess.Popen(
+            command,
+            env={**env, "PYTHONPATH": str(REPO)},
+            cwd=REPO,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def launch(config: dict, out: Path) -> list[subprocess.Popen]:
+    """`megatron-eaft finetune` as WORLD_SIZE processes with the variables torchrun would set."""
+    command = finetune_command(config, out)
     port = _free_port()
     threads = max(1, (os.cpu_count() or 1) // WORLD_SIZE)  # what the worker pool uses
     processes = []
@@ -73,27 +99,8 @@ def launch(config: dict, out: Path) -> list[subprocess.Popen]:
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": str(threads),
-            "PYTHONPATH": str(REPO),
         }
-        log = open(out / f"rank{rank}.log", "w")  # noqa: SIM115 (the child owns it)
-        processes.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "megatron_eaft.cli.main",
-                    "finetune",
-                    "--config",
-                    str(config_path),
-                ],
-                env=env,
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        )
-        log.close()
+        processes.append(start(command, env, out / f"rank{rank}.log"))
     return processes
 
 
