@@ -19,6 +19,7 @@ SIGTERM / SIGINT (checkpoint at the step boundary).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -30,6 +31,8 @@ from typing import Any
 
 import torch
 
+from megatron_eaft.log import ALL_RANKS
+from megatron_eaft.log import configure as configure_logging
 from megatron_eaft.megatron import cpu_runtime
 from megatron_eaft.megatron.loss import EAFTForwardStep, install_eaft_loss
 from megatron_eaft.train import batches as batching
@@ -41,6 +44,8 @@ from megatron_eaft.train.model import (
     model_description,
     resolve_transformer_impl,
 )
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -154,11 +159,6 @@ _SCHEDULE_LENGTHS = ("lr_warmup_steps", "lr_decay_steps", "wd_incr_steps")
 
 def _is_last_rank() -> bool:
     return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
-
-
-def _print_last_rank(message: str) -> None:
-    if _is_last_rank():
-        print(message, flush=True)
 
 
 def _device() -> torch.device:
@@ -338,12 +338,12 @@ class Trainer:
             self.resume_from, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
         )
         self.iteration = state["iteration"]
-        _print_last_rank(
+        _log.info(
             f"resumed from {self.resume_from} at iteration {self.iteration}"
             + ("" if state["rng_restored"] else " (new layout: RNG state re-seeded)")
         )
         if recomputed:
-            _print_last_rank(
+            _log.info(
                 f"LR schedule recomputed for the new run length: {saved['lr_decay_steps']} -> "
                 f"{self.total_iterations} iterations, warm-up {saved['lr_warmup_steps']} -> "
                 f"{self.scheduler.lr_warmup_steps}; the learning rate continues at "
@@ -549,7 +549,7 @@ class Trainer:
             ),
             optimizer_sharding=config.checkpoint.optimizer_sharding,
         )
-        _print_last_rank(f"saved checkpoint {path}")
+        _log.info(f"saved checkpoint {path}")
         return path
 
     def close(self) -> None:
@@ -580,7 +580,7 @@ class Trainer:
         if config.checkpoint.save is not None and torch.distributed.get_rank() == 0:
             removed = checkpointing.remove_incomplete(config.checkpoint.save)
             for path in removed:
-                print(f"removed incomplete checkpoint {path}", flush=True)
+                _log.warning("removed incomplete checkpoint %s", path, extra=ALL_RANKS)
         saved_iteration = checkpointing.latest_iteration(self.resume_from)
         if isinstance(saved_iteration, int) and saved_iteration > total:
             key = "train.iterations" if config.train.iterations is not None else "train.epochs"
@@ -593,7 +593,7 @@ class Trainer:
         result = FitResult(start_iteration=self.iteration)
         plan = self.batch_plan(dataset, shuffle=config.data.shuffle)
         logger = MetricsLogger(config, total)
-        _print_last_rank(
+        _log.info(
             f"training {self.description.family} ({self.transformer_impl}) from iteration "
             f"{self.iteration} to {total}: TP {config.parallel.tensor} PP "
             f"{config.parallel.pipeline} CP {config.parallel.context} DP "
@@ -603,7 +603,7 @@ class Trainer:
         last_saved = self.iteration if self.resume_from is not None else None
         try:
             if _any_rank(stop.received is not None):  # during start-up: nothing new to save
-                _print_last_rank(f"{stop.reason}: stopped before iteration {self.iteration + 1}")
+                _log.info(f"{stop.reason}: stopped before iteration {self.iteration + 1}")
                 result.stopped_by_signal = True
             while self.iteration < total and not result.stopped_by_signal:
                 microbatches = self.step_microbatches(dataset, plan, self.iteration)
@@ -623,7 +623,7 @@ class Trainer:
                     self.save()
                     last_saved = self.iteration
                 if stopping:
-                    _print_last_rank(
+                    _log.info(
                         f"{stop.reason}: stopped after iteration {self.iteration}"
                         + (" (checkpoint saved)" if last_saved == self.iteration else "")
                     )
@@ -788,6 +788,7 @@ def _report_order(key: str) -> tuple[int, str]:
 
 def run_training(config: FinetuneConfig, stop: StopSignals | None = None) -> FitResult:
     """Build a Trainer on the initialised process group, fit, release the loss hook."""
+    configure_logging()
     trainer = Trainer(config)
     try:
         return trainer.fit(stop)
