@@ -250,8 +250,10 @@ class ConversionPlan:
                         continue
                     seen.add(module)
                     shape = tuple(probe.global_shapes[0][: len(probe.prefix)])
-                    if self.indexed_layers:
-                        shape = (1, *shape)  # Megatron keeps a layer axis of one
+                    if self.indexed_layers and not shape:
+                        # Megatron keeps a layer axis of one; per-layer experts' grid is
+                        # [experts] (SequentialMLP's own, no layer axis).
+                        shape = (1,)
                     for index in _grid(shape):
                         objects.append((f"{module}._extra_state", index, shape))
         return objects
