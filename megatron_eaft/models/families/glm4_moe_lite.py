@@ -123,7 +123,7 @@ def _routing(hf: HFConfig, dims: Dims) -> dict[str, Any]:
     groups, group_topk = hf.integer("n_group", 1), hf.integer("topk_group", 1)
     if groups < 1 or dims.experts % groups or not 1 <= group_topk <= groups:
         raise hf.unsupported(
-            "n_group", groups, f"needs n_group | n_routed_experts and 1 <= topk_group <= n_group"
+            "n_group", groups, "needs n_group | n_routed_experts and 1 <= topk_group <= n_group"
         )
     grouped = groups > 1
     if grouped and (topk % group_topk or topk // group_topk != 2):
