@@ -539,6 +539,8 @@ class Param:
     transform: how the HF tensors become the Megatron tensor and back.
     when: whether the row applies to this config (e.g. only with untied embeddings).
     layers: for per-layer rows, which layers have it (e.g. only the linear-attention ones).
+    dtype: the dtype the tensor keeps in both checkpoints whatever the others' (``--dtype``
+        included), where Megatron keeps it so (the router's fp32 ``expert_bias``).
     """
 
     megatron: str | Mapping[str, str] | tuple[str, ...]
@@ -547,6 +549,7 @@ class Param:
     transform: Transform = COPY
     when: Callable[[HFConfig], bool] = always
     layers: Callable[[HFConfig, int], bool] = every_layer
+    dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         names = self.hf_names

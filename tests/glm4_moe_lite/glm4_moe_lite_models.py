@@ -44,6 +44,10 @@ CONFIG: dict[str, Any] = {
     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
     "num_nextn_predict_layers": 1,
 }
+# Small q / kv latents (mean square ~6e-3), so that the latent norms' eps (1e-6 in transformers,
+# whatever rms_norm_eps says) moves the logits by more than the test's tolerance if it is lost.
+LATENT_DOWN_PROJECTIONS = ("q_a_proj.weight", "kv_a_proj_with_mqa.weight")
+LATENT_SCALE = 0.1
 # What a published checkpoint's MTP layer holds beside a decoder layer (a few of them).
 MTP_TENSORS = {
     "eh_proj.weight": (64, 128),
@@ -72,6 +76,8 @@ def random_model(hf_config, seed: int = 0):
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator)
             param.copy_(1.0 + 0.2 * noise if "norm" in name else 0.1 * noise)
+            if name.endswith(LATENT_DOWN_PROJECTIONS):
+                param.mul_(LATENT_SCALE)
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buffer.copy_(0.3 * torch.randn(buffer.shape, generator=generator))

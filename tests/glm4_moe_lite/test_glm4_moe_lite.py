@@ -88,6 +88,28 @@ def test_export_is_bit_exact_with_the_mtp_layer_carried(checkpoint, tmp_path):
     assert "model.layers.3.eh_proj.weight" in exported
 
 
+def test_bf16_checkpoint_keeps_its_fp32_expert_bias_both_ways(tmp_path):
+    # A model loaded in bf16 keeps its expert bias in fp32 (_keep_in_fp32_modules_strict) and
+    # saves it so; the import takes the weights' dtype for the rest, the export gives both back.
+    import transformers
+
+    glm.random_model(glm.config(), seed=1).save_pretrained(tmp_path / "fp32")
+    model = transformers.Glm4MoeLiteForCausalLM.from_pretrained(
+        tmp_path / "fp32", dtype=torch.bfloat16
+    )
+    hf_dir = glm.save(model, tmp_path / "hf")
+    original = _tensors(hf_dir)
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    assert original[bias].dtype == torch.float32
+    assert original["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16
+    import_hf_checkpoint(hf_dir, tmp_path / "megatron", progress=False, fsync=False)
+    export_megatron_checkpoint(tmp_path / "megatron", tmp_path / "out", progress=False, fsync=False)
+    exported = _tensors(tmp_path / "out")
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
+
+
 # -- the family, pure Python ------------------------------------------------------------------
 
 
@@ -101,7 +123,11 @@ def test_config_maps_mla_routing_and_the_dense_first_layer():
     assert kwargs["moe_router_topk_scaling_factor"] == 1.8
     assert kwargs["moe_shared_expert_intermediate_size"] == 32
     assert kwargs["layernorm_epsilon"] == 1e-5
-    plan = plan_conversion(family_for_hf_config(config), config)
+    family = family_for_hf_config(config)
+    plan = plan_conversion(family, config)
+    # One checkpoint for both specs (the latent norms under TE's fused-norm keys).
+    te = plan_conversion(family, config, transformer_impl="transformer_engine")
+    assert plan.global_shapes() == te.global_shapes()
     assert plan.layout.is_carried("model.layers.3.eh_proj.weight")
     assert not plan.layout.is_carried("model.layers.2.mlp.gate.weight")
 

@@ -284,6 +284,8 @@ MOE_MLP = (
         L + "mlp.gate.e_score_correction_bias",
         ("experts",),
         layers=is_sparse,
+        # fp32 in both: transformers keeps it so (_keep_in_fp32_modules_strict), Megatron too.
+        dtype=torch.float32,
     ),
     Param(
         "decoder.layers.mlp.experts.experts.linear_fc1.weight",
