@@ -251,8 +251,10 @@ class ConversionPlan:
                         continue
                     seen.add(module)
                     shape = tuple(probe.global_shapes[0][: len(probe.prefix)])
-                    if self.indexed_layers:
-                        shape = (1, *shape)  # Megatron keeps a layer axis of one
+                    if self.indexed_layers and not shape:
+                        # Megatron keeps a layer axis of one; per-layer experts' grid is
+                        # [experts] (SequentialMLP's own, no layer axis).
+                        shape = (1,)
                     for index in _grid(shape):
                         objects.append((f"{module}._extra_state", index, shape))
         return objects
@@ -397,7 +399,9 @@ def check_float_tensors(directory: Path, dtypes: Mapping[str, torch.dtype]) -> N
 
 
 def _source_dtype(plan: ConversionPlan, reader: SafetensorsReader) -> torch.dtype:
-    grouped = _names_by_dtype({n: reader.tensors[n].dtype for n in plan.expected_hf()})
+    # Rows with a dtype of their own (an fp32 expert bias beside bf16 weights) do not count.
+    names = [n for u in plan.units() if u.param.dtype is None for n in u.hf_names]
+    grouped = _names_by_dtype({n: reader.tensors[n].dtype for n in names})
     if len(grouped) != 1:
         # The minority dtypes first: they are usually the few tensors that are off.
         parts = [
@@ -455,7 +459,8 @@ def import_hf_checkpoint(
                         # Disk reads of the next unit overlap this unit's writes.
                         if index + 1 < len(units):
                             reader.prefetch(units[index + 1].hf_names)
-                        hf_tensors = [reader.read(n).to(target_dtype) for n in unit.hf_names]
+                        dtype = unit.param.dtype or target_dtype
+                        hf_tensors = [reader.read(n).to(dtype) for n in unit.hf_names]
                         pieces = unit.param.transform.to_megatron_outputs(hf_tensors, plan.dims)
                         for output, row, piece in pieces:
                             offsets = (*unit.prefix, row, *([0] * (piece.dim() - 1)))
@@ -588,7 +593,7 @@ def export_megatron_checkpoint(
 
     target_dtype = DTYPES[dtype] if dtype else None
     planned = [
-        PlannedTensor(name, target_dtype or stored[unit.keys[0]][1], shape)
+        PlannedTensor(name, unit.param.dtype or target_dtype or stored[unit.keys[0]][1], shape)
         for unit in plan.units()
         for name, shape in zip(unit.hf_names, unit.hf_shapes, strict=True)
     ]
@@ -611,8 +616,8 @@ def export_megatron_checkpoint(
                         ).reshape(shape)
                         for key, shape in zip(unit.keys, unit.shapes, strict=True)
                     ]
-                    if target_dtype is not None:
-                        regions = [region.to(target_dtype) for region in regions]
+                    if unit.param.dtype is not None or target_dtype is not None:
+                        regions = [r.to(unit.param.dtype or target_dtype) for r in regions]
                     hf_tensors = unit.param.transform.to_hf_from_outputs(
                         regions, unit.hf_shapes, plan.dims
                     )

@@ -277,3 +277,160 @@ def gated_delta_net_block_spec(
         if attention.module is GatedDeltaNet:
             attention.module = LocalGatedDeltaNet
     return block
+
+
+# -- Multi-latent attention (GLM-4.7-Flash) ----------------------------------------------------
+
+
+def _dot_product_attention() -> type:
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    return DotProductAttention
+
+
+class LocalMLADotProductAttention(_dot_product_attention()):  # type: ignore[misc]
+    """The local ``DotProductAttention`` for multi-latent attention.
+
+    Megatron's MLA passes ``k_channels`` / ``v_channels`` (query/key and value head sizes
+    differ), which the local class refuses; its output is heads x value head size, and its
+    ``view`` calls need the contiguous q / k / v the MLA split does not give.
+    """
+
+    def __init__(
+        self, *args: Any, k_channels: int | None = None, v_channels: int | None = None, **kwargs
+    ):
+        super().__init__(*args, **kwargs)
+        if v_channels is not None:
+            heads = self.config.num_attention_heads
+            self.hidden_size_per_partition = v_channels * heads // self.tp_group.size()
+
+    def forward(self, query: Any, key: Any, value: Any, *args: Any, **kwargs: Any):
+        return super().forward(
+            query.contiguous(), key.contiguous(), value.contiguous(), *args, **kwargs
+        )
+
+
+def norm_with_eps(norm: type, eps: float) -> type:
+    """``norm`` built with ``eps`` whatever eps its caller passes (MLA passes
+    ``layernorm_epsilon`` to its latent norms; a model may use another)."""
+
+    class FixedEpsNorm:
+        def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+            kwargs["eps"] = eps
+            return norm(*args, **kwargs)
+
+    FixedEpsNorm.__name__ = FixedEpsNorm.__qualname__ = f"{norm.__name__}Eps{eps:g}"
+    return FixedEpsNorm
+
+
+# The latent norms are separate modules here (their eps is not layernorm_epsilon); saved under
+# the keys of Transformer Engine's fused norm+linear up projections, as Megatron's TE spec has.
+MLA_LATENT_NORM_KEYS = {
+    "self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
+    "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_",
+}
+
+
+def mla_layer_spec(config: Any, transformer_impl: str, moe: bool, latent_norm_eps: float) -> Any:
+    """A decoder layer with multi-latent attention, dense or MoE, local or Transformer Engine.
+
+    Megatron's own MLA specs give the latent norms ``layernorm_epsilon`` and (local spec)
+    checkpoint keys of their own; this one takes ``latent_norm_eps`` and keeps one set of keys
+    for both implementations: ``input_layernorm.weight``, the latent norms as
+    ``linear_{q,kv}_up_proj.layer_norm_weight``, ``mlp.linear_fc1.layer_norm_weight`` on dense
+    layers and ``pre_mlp_layernorm.weight`` on MoE layers.
+    """
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.multi_latent_attention import (
+        MLASelfAttention,
+        MLASelfAttentionSubmodules,
+    )
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import (
+        TransformerLayer,
+        TransformerLayerSubmodules,
+    )
+
+    if transformer_impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        backend = TESpecProvider()
+        down_projection = backend.linear()  # replicated across TP ("duplicated")
+        core_attention = backend.core_attention()
+    else:
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+        backend = _local_backend_provider()
+        down_projection = ColumnParallelLinear  # as Megatron's local MLA spec
+        core_attention = LocalMLADotProductAttention
+    norm = backend.layer_norm(rms_norm=True)
+    latent_norm = norm_with_eps(backend.layer_norm(rms_norm=True, for_qk=True), latent_norm_eps)
+    mlp = get_mlp_module_spec_for_backend(
+        backend=backend,
+        num_experts=config.num_moe_experts if moe else None,
+        moe_grouped_gemm=bool(config.moe_grouped_gemm) if moe else False,
+    )
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=MLASelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=MLASelfAttentionSubmodules(
+                    linear_q_proj=backend.column_parallel_linear(),
+                    linear_q_down_proj=down_projection,
+                    linear_q_up_proj=backend.column_parallel_linear(),
+                    linear_kv_down_proj=down_projection,
+                    linear_kv_up_proj=backend.column_parallel_linear(),
+                    core_attention=core_attention,
+                    linear_proj=backend.row_parallel_linear(),
+                    q_layernorm=latent_norm,
+                    kv_layernorm=latent_norm,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            # Dense layers fuse the pre-MLP norm into fc1 (both backends fuse here).
+            pre_mlp_layernorm=norm if moe else IdentityOp,
+            mlp=mlp,
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=dict(MLA_LATENT_NORM_KEYS),
+        ),
+    )
+
+
+def mla_decoder_block_spec(
+    config: Any, transformer_impl: str, vp_stage: int | None, latent_norm_eps: float
+) -> Any:
+    """This pipeline stage's decoder block of MLA layers, MoE where ``moe_layer_freq`` says."""
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    if transformer_impl == "transformer_engine":
+        from megatron.core.models.gpt import gpt_layer_specs
+
+        if not gpt_layer_specs.HAVE_TE:
+            raise RuntimeError(
+                "transformer_impl='transformer_engine' needs Transformer Engine, which is not "
+                "importable here; use transformer_impl='local'"
+            )
+    pattern = config.moe_layer_freq
+    if not isinstance(pattern, list) or len(pattern) != config.num_layers:
+        raise ValueError(f"moe_layer_freq must list each of {config.num_layers} layers: {pattern}")
+    specs = {
+        moe: mla_layer_spec(config, transformer_impl, moe, latent_norm_eps)
+        for moe in sorted(set(map(bool, pattern)))
+    }
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    final_norm = specs[bool(pattern[0])].submodules.input_layernorm  # the backend's RMSNorm
+    return TransformerBlockSubmodules(
+        layer_specs=[specs[bool(m)] for m in pattern[offset : offset + count]],
+        layer_norm=final_norm,
+    )

@@ -17,7 +17,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -539,6 +539,8 @@ class Param:
     transform: how the HF tensors become the Megatron tensor and back.
     when: whether the row applies to this config (e.g. only with untied embeddings).
     layers: for per-layer rows, which layers have it (e.g. only the linear-attention ones).
+    dtype: the dtype the tensor keeps in both checkpoints whatever the others' (``--dtype``
+        included), where Megatron keeps it so (the router's fp32 ``expert_bias``).
     """
 
     megatron: str | Mapping[str, str] | tuple[str, ...]
@@ -547,6 +549,7 @@ class Param:
     transform: Transform = COPY
     when: Callable[[HFConfig], bool] = always
     layers: Callable[[HFConfig, int], bool] = every_layer
+    dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         names = self.hf_names
@@ -766,6 +769,8 @@ class ModelFamily:
     layouts: per architecture, where the language model sits (`HFLayout`); default: plain.
     megatron_config_class: the ``megatron.core.transformer`` config class to build
         (``TransformerConfig``; ``MLATransformerConfig`` for multi-latent attention).
+    carried_hf: HF config -> further prefixes of tensors carried through byte-identical, for
+        those the config places (MTP layers numbered after the decoder's).
     """
 
     name: str
@@ -780,15 +785,21 @@ class ModelFamily:
     hf_config_class: str | None = None
     layouts: Mapping[str, HFLayout] = field(default_factory=dict)
     megatron_config_class: str = "TransformerConfig"
+    carried_hf: Callable[[HFConfig], tuple[str, ...]] = field(default=lambda hf: ())
 
-    def layout(self, hf_config: Mapping[str, Any] | HFConfig) -> HFLayout:
-        """The `HFLayout` of the config's architecture (read from the file's root)."""
-        raw = hf_config.root if isinstance(hf_config, HFConfig) else hf_config
-        architectures = raw.get("architectures") or ()
-        for architecture in architectures:
+    def _architecture_layout(self, raw: Mapping[str, Any]) -> HFLayout:
+        for architecture in raw.get("architectures") or ():
             if architecture in self.layouts:
                 return self.layouts[architecture]
         return PLAIN_LAYOUT
+
+    def layout(self, hf_config: Mapping[str, Any] | HFConfig) -> HFLayout:
+        """The `HFLayout` of the config's architecture (read from the file's root), with the
+        tensors the config itself says are carried (``carried_hf``)."""
+        raw = hf_config.root if isinstance(hf_config, HFConfig) else hf_config
+        layout = self._architecture_layout(raw)
+        carried = tuple(layout.hf_name(p) for p in self.carried_hf(self.hf(hf_config)))
+        return replace(layout, carried=(*layout.carried, *carried)) if carried else layout
 
     def hf(self, hf_config: Mapping[str, Any] | HFConfig) -> HFConfig:
         """The language model's config as this family reads it (sub-config, defaults)."""
@@ -798,7 +809,7 @@ class ModelFamily:
             raw, source = hf_config.root, hf_config.source
         else:
             raw, source = dict(hf_config), "config.json"
-        layout = self.layout(raw)
+        layout = self._architecture_layout(raw)
         data = raw
         if layout.text_config is not None:
             text = raw.get(layout.text_config)

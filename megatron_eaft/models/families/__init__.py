@@ -50,6 +50,8 @@ loops and no I/O, only:
      sections; the row's ``megatron`` is then a tuple of keys), ``INTERLEAVE_GATED_QKV``
      (gated attention: HF ``q_proj`` per head [q; gate] -> [queries; gates; k; v] per group),
      ``ZERO_CENTERED_NORM`` (a plain HF norm weight ``w`` stored as Megatron's ``w - 1``).
+   * ``dtype``: a dtype the tensor keeps whatever the checkpoint's (``--dtype`` included), where
+     both sides keep it so (the fp32 MoE expert bias beside bf16 weights).
 
 4. Optional: ``dims`` (HF config -> ``Dims``; default reads the Llama/Qwen key names),
    ``gpt_model_kwargs`` (HF config -> GPTModel arguments: rotary base/percent, tied
@@ -62,7 +64,9 @@ loops and no I/O, only:
    config.json omits are read as transformers reads them), ``layouts`` (per architecture, an
    ``HFLayout``: the language model's sub-config and tensor prefix in vision-language
    checkpoints, and the tensors carried through unconverted) and ``megatron_config_class``
-   (``TransformerConfig`` or e.g. ``MLATransformerConfig``).
+   (``TransformerConfig`` or e.g. ``MLATransformerConfig``) and ``carried_hf`` (HF config ->
+   prefixes of further tensors carried byte-identical, e.g. MTP layers numbered after the
+   decoder's: ``model.layers.{num_hidden_layers}.``).
 
 The engine derives everything else: which HF tensors must exist (missing / unexpected /
 mis-shaped ones are reported together), global shapes and chunks per layer and expert, the

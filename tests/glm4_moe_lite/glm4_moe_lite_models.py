@@ -1,0 +1,100 @@
+"""Tiny random GLM-4.7-Flash (`Glm4MoeLiteForCausalLM`) checkpoints built with transformers.
+
+Three layers: one dense, then two MoE layers of 4 routed experts (top 2) and a shared expert;
+MLA with q / kv low-rank projections, query/key head 8 + 8 (nope + rope), value head 12;
+rms_norm_eps 1e-5, so the latent norms' fixed 1e-6 shows if it is lost; a vocab that pads
+(200 -> 256). Every tensor is random, the latent norms, the router and the expert bias
+(a buffer) included, with a bias large enough to change which experts are chosen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+VOCAB = 200
+CONFIG: dict[str, Any] = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "q_lora_rank": 24,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 12,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "routed_scaling_factor": 1.8,
+    "n_group": 1,
+    "topk_group": 1,
+    "norm_topk_prob": True,
+    "first_k_dense_replace": 1,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": False,
+    "rope_interleave": True,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    "num_nextn_predict_layers": 1,
+}
+# Small q / kv latents (mean square ~6e-3), so that the latent norms' eps (1e-6 in transformers,
+# whatever rms_norm_eps says) moves the logits by more than the test's tolerance if it is lost.
+LATENT_DOWN_PROJECTIONS = ("q_a_proj.weight", "kv_a_proj_with_mqa.weight")
+LATENT_SCALE = 0.1
+# What a published checkpoint's MTP layer holds beside a decoder layer (a few of them).
+MTP_TENSORS = {
+    "eh_proj.weight": (64, 128),
+    "enorm.weight": (64,),
+    "hnorm.weight": (64,),
+    "shared_head.norm.weight": (64,),
+}
+
+
+def config(**changes: Any):
+    import transformers
+
+    return transformers.Glm4MoeLiteConfig(
+        **{**CONFIG, **changes}, architectures=["Glm4MoeLiteForCausalLM"]
+    )
+
+
+def random_model(hf_config, seed: int = 0):
+    """The transformers model with every tensor random (norm weights around 1)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.Glm4MoeLiteForCausalLM(hf_config).float().eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1.0 + 0.2 * noise if "norm" in name else 0.1 * noise)
+            if name.endswith(LATENT_DOWN_PROJECTIONS):
+                param.mul_(LATENT_SCALE)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(0.3 * torch.randn(buffer.shape, generator=generator))
+    return model
+
+
+def save(model, directory: Path, seed: int = 0) -> Path:
+    """save_pretrained, plus MTP tensors (which transformers does not build) in their own file."""
+    model.save_pretrained(directory)
+    layer = f"model.layers.{model.config.num_hidden_layers}."
+    generator = torch.Generator().manual_seed(seed)
+    mtp = {layer + n: torch.randn(s, generator=generator) for n, s in MTP_TENSORS.items()}
+    (single,) = directory.glob("*.safetensors")
+    save_file({**load_file(single), **mtp}, single, metadata={"format": "pt"})
+    return directory
+
+
+def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits.float()
