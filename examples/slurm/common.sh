@@ -195,7 +195,9 @@ eaft_finetune_step() {
     # Not `| head -n 1`: with pipefail, scontrol's SIGPIPE would fail the job.
     hosts=$(scontrol show hostnames "${SLURM_JOB_NODELIST:?}")
     master_addr=${hosts%%$'\n'*}
-    FINETUNE_STEP+=(--ntasks-per-node=1 torchrun --nnodes="$NUM_NODES"
+    # `megatron-eaft torchrun`: torchrun that exits 0 when SIGTERM stopped every worker cleanly
+    # (torchrun itself exits 1 after any signal, so a time limit would read as a failure).
+    FINETUNE_STEP+=(--ntasks-per-node=1 "${EAFT_CMD_ARGS[@]}" torchrun --nnodes="$NUM_NODES"
       --nproc-per-node="$GPUS_PER_NODE" --rdzv-backend=c10d
       --rdzv-endpoint="$master_addr:$(eaft_master_port)" --rdzv-id="${SLURM_JOB_ID:-0}"
       -m megatron_eaft.cli.main finetune --config "$MODEL_CONFIG" "${JOB_OVERRIDES[@]}")

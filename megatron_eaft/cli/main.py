@@ -26,6 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"megatron_eaft.cli.{name}").add_parser(subparsers)
+    subparsers.add_parser(
+        "torchrun",
+        help="torchrun (same arguments) that exits 0 when a signal stopped every worker cleanly",
+        description=importlib.import_module("megatron_eaft.torchrun").__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     return parser
 
 
@@ -33,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_eaft import log
 
     log.configure()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["torchrun"] and not {"-h", "--help"} & set(argv[1:2]):
+        # Every argument after `torchrun` is torchrun's (argparse would read its options).
+        from megatron_eaft.torchrun import main as torchrun_main
+
+        return torchrun_main(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
