@@ -119,6 +119,33 @@ def test_export_is_bit_exact_in_the_layout_it_came_from(checkpoints, tmp_path, n
         assert any(n.startswith("model.visual.") for n in exported)
 
 
+def test_qwen3_moe_stacked_layers_read_packed_experts_too(tmp_path):
+    """The same rows on a homogeneous decoder ([layer, expert] stacked keys): a packed
+    Qwen3-MoE file imports to the per-expert file's tensors and exports back packed."""
+    from tests.convert import tiny_models
+
+    model = tiny_models.random_model(tiny_models.hf_config("qwen3_moe"), seed=2)
+    made = {}
+    for name, save in (("per_expert", tiny_models.save_hf), ("packed", q35m.save_packed)):
+        hf_dir = save(model, tmp_path / name / "hf")
+        megatron_dir = tmp_path / name / "megatron"
+        import_hf_checkpoint(hf_dir, megatron_dir, progress=False, fsync=False)
+        assert ModelMetadata.read(megatron_dir).hf_variants == {"experts": name}
+        made[name] = SimpleNamespace(hf_dir=hf_dir, megatron_dir=megatron_dir)
+    per_expert = _megatron_tensors(made["per_expert"].megatron_dir)
+    packed = _megatron_tensors(made["packed"].megatron_dir)
+    assert per_expert["decoder.layers.mlp.experts.experts.linear_fc1.weight"].shape == (
+        2,
+        4,
+        64,
+        64,
+    )
+    assert sorted(per_expert) == sorted(packed)
+    assert all(torch.equal(packed[k], t) for k, t in per_expert.items())
+    exported = export_bit_exact(made["packed"], tmp_path / "exported")
+    assert "model.layers.1.mlp.experts.gate_up_proj" in exported
+
+
 def test_transformers_reads_the_packed_file_as_the_model_it_came_from(checkpoints):
     input_ids, made = checkpoints
     packed = made["lm_packed"]
