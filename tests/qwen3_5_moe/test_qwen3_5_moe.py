@@ -194,6 +194,24 @@ def test_a_checkpoint_with_neither_expert_layout_is_reported_in_the_default_one(
     assert not (tmp_path / "out").exists()
 
 
+def test_finetune_at_tp2_without_sequence_parallelism_is_refused_before_start_up(checkpoints):
+    from megatron_eaft.train.config import ConfigError
+    from megatron_eaft.train.preflight import _check_moe_sequence_parallel
+    from tests.train import helpers
+
+    _, made = checkpoints
+    directory = made["lm"].megatron_dir
+    metadata = ModelMetadata.read(directory)
+    config = helpers.finetune_config(directory, directory, "parallel.tensor=2")
+    with pytest.raises(ConfigError, match=r"parallel.sequence_parallel.*MoE layers.*tensor=2"):
+        _check_moe_sequence_parallel(config, metadata)
+    for allowed in (["parallel.sequence_parallel=true"], ["parallel.tensor=1"]):
+        overrides = ["parallel.tensor=2", *allowed]
+        _check_moe_sequence_parallel(
+            helpers.finetune_config(directory, directory, *overrides), metadata
+        )
+
+
 DIMS = Dims(layers=1, hidden=1, ffn=1, vocab=1, heads=1, groups=1, head_dim=1, experts=3)
 
 
