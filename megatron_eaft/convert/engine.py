@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +159,8 @@ class ConversionPlan:
     # Megatron-Core writes decoder.layers.{i}. keys (no stacked layer axis) when layers differ.
     indexed_layers: bool = False
     layout: HFLayout = PLAIN_LAYOUT
+    # Per group of alternative HF layouts (`Param.variant`), the one this plan reads / writes.
+    variants: Mapping[str, str] = field(default_factory=dict)
 
     def _rows(self, placement: str) -> list[Param]:
         if placement == "layers":
@@ -237,7 +239,7 @@ class ConversionPlan:
         Megatron-Core's linear layers (local and Transformer Engine) carry an ``_extra_state``
         (FP8 metadata; None without FP8) saved as one ShardedObject per layer (and expert):
         stacked layers share a key with a [layer(, expert)] grid, per-layer keys have a
-        [1(, expert)] grid.
+        [1] grid, or [expert] for expert modules.
         """
         objects = []
         seen = set()
@@ -250,14 +252,21 @@ class ConversionPlan:
                     if module is None or module in seen:
                         continue
                     seen.add(module)
-                    shape = tuple(probe.global_shapes[0][: len(probe.prefix)])
-                    if self.indexed_layers and not shape:
-                        # Megatron keeps a layer axis of one; per-layer experts' grid is
-                        # [experts] (SequentialMLP's own, no layer axis).
-                        shape = (1,)
+                    # Layer / expert axes; a packed-experts row holds its expert axis itself.
+                    experts = param.per_expert or param.packed_experts
+                    grid = len(probe.prefix) + int(param.packed_experts)
+                    shape = tuple(probe.global_shapes[0][:grid])
+                    if self.indexed_layers and not experts:
+                        # Megatron keeps a layer axis of one, except on expert grids ([E]).
+                        shape = (1, *shape)
                     for index in _grid(shape):
                         objects.append((f"{module}._extra_state", index, shape))
         return objects
+
+    def with_variants(self, variants: Mapping[str, str]) -> ConversionPlan:
+        """This plan reading / writing the given alternative HF layouts."""
+        chosen = self.family.resolve_variants(self.hf, variants)
+        return replace(self, params=self.family.active_params(self.hf, chosen), variants=chosen)
 
     def expected_hf(self) -> dict[str, Shape]:
         return {n: s for u in self.units() for n, s in zip(u.hf_names, u.hf_shapes, strict=True)}
@@ -289,7 +298,10 @@ def plan_conversion(
     transformer_impl: str = "local",
     padded_vocab: int | None = None,
     make_vocab_size_divisible_by: int = DEFAULT_VOCAB_DIVISOR,
+    variants: Mapping[str, str] | None = None,
 ) -> ConversionPlan:
+    """The conversion of this config; ``variants`` picks among alternative HF layouts
+    (`Param.variant`, e.g. ``{"experts": "per_expert"}``), each group's default otherwise."""
     check_transformer_impl(transformer_impl)
     hf = family.hf(hf_config)
     indexed = family.indexed_layer_keys(hf)  # also validates the config
@@ -299,7 +311,8 @@ def plan_conversion(
     if padded_vocab < dims.vocab:
         raise ValueError(f"padded vocab {padded_vocab} is smaller than vocab_size {dims.vocab}")
     dims = replace(dims, padded_vocab=padded_vocab)
-    params = family.active_params(hf)
+    variants = family.resolve_variants(hf, variants)
+    params = family.active_params(hf, variants)
     if not indexed:
         partial = [
             p
@@ -311,7 +324,31 @@ def plan_conversion(
                 f"{family.name}: rows {[p.key(transformer_impl) for p in partial]} apply to some "
                 "layers only, but Megatron-Core stacks these layers under one key"
             )
-    return ConversionPlan(family, hf, dims, transformer_impl, params, indexed, family.layout(hf))
+    return ConversionPlan(
+        family, hf, dims, transformer_impl, params, indexed, family.layout(hf), variants
+    )
+
+
+def variants_present(plan: ConversionPlan, names: Collection[str]) -> dict[str, str]:
+    """Per group of alternative HF layouts, the option whose tensors ``names`` holds: the one
+    with all of them, else the one with most (its missing tensors are then reported), else
+    the plan's."""
+    chosen = dict(plan.variants)
+    for group, options in plan.family.variant_groups(plan.hf).items():
+        found: dict[str, tuple[bool, int]] = {}
+        for option in options:
+            wanted = {
+                name
+                for unit in plan.with_variants({**chosen, group: option}).units()
+                if unit.param.variant is not None and unit.param.variant[0] == group
+                for name in unit.hf_names
+            }
+            present = sum(name in names for name in wanted)
+            found[option] = (present == len(wanted), present)
+        best = max(options, key=lambda o: found[o])  # ties keep the earlier (default) option
+        if found[best][1] > 0:
+            chosen[group] = best
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,6 +482,7 @@ def import_hf_checkpoint(
     output = {"kind": MEGATRON_OUTPUT, "force": force, "inputs": [hf_dir]}
     out_dir = check_output_target(out_dir, **output)
     with SafetensorsReader(hf_dir) as reader:
+        plan = plan.with_variants(variants_present(plan, reader.tensors))
         check_hf_tensors(plan, reader)
         check_float_tensors(hf_dir, {n: reader.tensors[n].dtype for n in plan.expected_hf()})
         target_dtype = DTYPES[dtype] if dtype else _source_dtype(plan, reader)
@@ -489,6 +527,7 @@ def import_hf_checkpoint(
                 dtype=DTYPE_NAMES[target_dtype],
                 transformer_impl=transformer_impl,
                 source=str(hf_dir.absolute()),
+                hf_variants=dict(plan.variants),
             ).write(tmp)
             copy_side_files(hf_dir, tmp / HF_FILES_DIR)
             carried = carry_tensors(plan, reader, tmp / HF_FILES_DIR / CARRIED_TENSORS_DIR, fsync)
@@ -579,6 +618,7 @@ def export_megatron_checkpoint(
         metadata.hf(f"{root / MODEL_METADATA_FILE}:hf_config"),
         transformer_impl=metadata.transformer_impl,
         padded_vocab=metadata.padded_vocab_size,
+        variants=metadata.hf_variants,
     )
     stored_vocab = _stored_padded_vocab(plan, reader)
     if stored_vocab is not None and stored_vocab != plan.dims.padded_vocab:

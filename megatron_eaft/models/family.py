@@ -498,10 +498,56 @@ class NormOffset(Transform):
         return [(megatron.double() - self.offset).to(megatron.dtype)]
 
 
+class PackedExperts(Transform):
+    """HF tensors holding every expert of a layer on a leading expert axis ([E, ...]) ->
+    Megatron's expert tensor of that layer, which has the same leading expert axis.
+
+    ``inner`` maps one expert's slices (``COPY`` for a fused ``gate_up_proj`` that is already
+    [gate; up], ``CONCAT_ROWS`` for separate packed ``gate_proj`` / ``up_proj``). A row with this
+    transform has ``{layer}`` but no ``{expert}`` in its HF names: one unit per layer moves all
+    experts (peak memory: one HF tensor, as for any row), and the Megatron keys, shapes and
+    ``_extra_state`` grid equal those of the per-expert row it replaces.
+    """
+
+    def __init__(self, inner: Transform):
+        self.inner = inner
+        self.name = f"packed_experts({inner.name})"
+
+    def megatron_shape(self, hf_shapes: Sequence[Shape], dims: Dims) -> Shape:
+        leading = {s[0] for s in hf_shapes if s}
+        if leading != {dims.experts}:
+            raise ValueError(
+                f"{self.name}: HF shapes {list(hf_shapes)} must lead with the expert axis "
+                f"({dims.experts})"
+            )
+        inner = self.inner.megatron_shape([s[1:] for s in hf_shapes], dims)
+        return (dims.experts, *inner)
+
+    def to_megatron(self, hf: Sequence[torch.Tensor], dims: Dims) -> list[Piece]:
+        if isinstance(self.inner, Copy):
+            return [(0, hf[0])]
+        shape = self.megatron_shape([tuple(t.shape) for t in hf], dims)
+        out = hf[0].new_empty(shape)
+        for expert in range(dims.experts):
+            for row, piece in self.inner.to_megatron([t[expert] for t in hf], dims):
+                out[expert, row : row + piece.shape[0]] = piece
+        return [(0, out)]
+
+    def to_hf(
+        self, megatron: torch.Tensor, hf_shapes: Sequence[Shape], dims: Dims
+    ) -> list[torch.Tensor]:
+        if isinstance(self.inner, Copy):
+            return [megatron]
+        inner_shapes = [s[1:] for s in hf_shapes]
+        per_expert = [self.inner.to_hf(m, inner_shapes, dims) for m in megatron]
+        return [torch.stack(parts) for parts in zip(*per_expert, strict=True)]
+
+
 COPY = Copy()
 CONCAT_ROWS = ConcatRows()
 INTERLEAVE_QKV = InterleaveQKV()
 INTERLEAVE_GATED_QKV = InterleaveGatedQKV()
+PACKED_EXPERTS = PackedExperts(COPY)
 PAD_VOCAB = PadVocab()
 ZERO_CENTERED_NORM = NormOffset(-1.0)
 
@@ -541,6 +587,11 @@ class Param:
     layers: for per-layer rows, which layers have it (e.g. only the linear-attention ones).
     dtype: the dtype the tensor keeps in both checkpoints whatever the others' (``--dtype``
         included), where Megatron keeps it so (the router's fp32 ``expert_bias``).
+    variant: ``(group, option)`` for a row that is one of several HF layouts of the same
+        Megatron tensors (``("experts", "packed")`` / ``("experts", "per_expert")``). Import
+        takes, per group, the option whose HF tensors the checkpoint has and records it in
+        the model metadata; export writes that option back. A group's first option in the
+        table is its default (a trainer-made checkpoint's export, a checkpoint with neither).
     """
 
     megatron: str | Mapping[str, str] | tuple[str, ...]
@@ -550,6 +601,7 @@ class Param:
     when: Callable[[HFConfig], bool] = always
     layers: Callable[[HFConfig, int], bool] = every_layer
     dtype: torch.dtype | None = None
+    variant: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         names = self.hf_names
@@ -571,8 +623,13 @@ class Param:
                     f"{key}: per-layer rows (HF names with {LAYER}) must have keys under "
                     f"{LAYERS_PREFIX!r} and only they"
                 )
-        if self.per_expert and not self.per_layer:
+        if (self.per_expert or self.packed_experts) and not self.per_layer:
             raise ValueError(f"{self.megatron}: an expert row must also be per layer")
+        if self.per_expert and self.packed_experts:
+            raise ValueError(
+                f"{self.megatron}: a packed-experts row moves all experts at once; its HF "
+                f"names take no {EXPERT}"
+            )
         if any((EXPERT in n) != self.per_expert for n in names):
             raise ValueError(f"{self.megatron}: either all or none of the HF names use {EXPERT}")
 
@@ -593,6 +650,11 @@ class Param:
     @property
     def per_expert(self) -> bool:
         return EXPERT in self.hf_names[0]
+
+    @property
+    def packed_experts(self) -> bool:
+        """HF tensors with every expert on a leading axis (`PackedExperts`)."""
+        return isinstance(self.transform, PackedExperts)
 
     def keys(self, transformer_impl: str) -> tuple[str, ...]:
         """The Megatron keys this row makes, in the transform's output order."""
@@ -618,6 +680,71 @@ def tied_embeddings(hf: HFConfig) -> bool:
 
 def untied_embeddings(hf: HFConfig) -> bool:
     return not tied_embeddings(hf)
+
+
+# The two HF layouts of routed experts (`Param.variant` group "experts").
+EXPERT_LAYOUT = "experts"
+PACKED = "packed"
+PER_EXPERT = "per_expert"
+ROUTED_EXPERTS_KEY = "decoder.layers.mlp.experts.experts."
+
+
+def routed_expert_rows(
+    hf_experts: str,
+    *,
+    layers: Callable[[HFConfig, int], bool] = every_layer,
+    default: str = PACKED,
+) -> tuple[Param, ...]:
+    """Megatron's routed-expert ``linear_fc1`` / ``linear_fc2`` from either HF layout.
+
+    ``hf_experts`` is the HF prefix of a layer's experts (``model.layers.{layer}.mlp.experts.``).
+    Packed (transformers' in-memory layout, and the published Qwen3.5 / Qwen3.6 MoE files):
+    ``gate_up_proj`` [E, 2*moe_ffn, hidden] (each expert [gate; up]) and ``down_proj``
+    [E, hidden, moe_ffn], which are Megatron's tensors as they are. Per expert (what
+    transformers 5 ``save_pretrained`` writes for these models, and older MoE checkpoints):
+    ``{expert}.gate_proj.weight`` / ``up_proj`` / ``down_proj``. Import reads whichever the
+    checkpoint has; ``default`` is the layout assumed where none was recorded.
+    """
+    if default not in (PACKED, PER_EXPERT):
+        raise ValueError(f"default must be {PACKED!r} or {PER_EXPERT!r}, got {default!r}")
+    fc1, fc2 = ROUTED_EXPERTS_KEY + "linear_fc1.weight", ROUTED_EXPERTS_KEY + "linear_fc2.weight"
+    packed = (
+        Param(
+            fc1,
+            hf_experts + "gate_up_proj",
+            ("experts", "2*moe_ffn", "hidden"),
+            PACKED_EXPERTS,
+            layers=layers,
+            variant=(EXPERT_LAYOUT, PACKED),
+        ),
+        Param(
+            fc2,
+            hf_experts + "down_proj",
+            ("experts", "hidden", "moe_ffn"),
+            PACKED_EXPERTS,
+            layers=layers,
+            variant=(EXPERT_LAYOUT, PACKED),
+        ),
+    )
+    one = hf_experts + EXPERT + "."
+    per_expert = (
+        Param(
+            fc1,
+            (one + "gate_proj.weight", one + "up_proj.weight"),
+            (("moe_ffn", "hidden"), ("moe_ffn", "hidden")),
+            CONCAT_ROWS,
+            layers=layers,
+            variant=(EXPERT_LAYOUT, PER_EXPERT),
+        ),
+        Param(
+            fc2,
+            one + "down_proj.weight",
+            ("hidden", "moe_ffn"),
+            layers=layers,
+            variant=(EXPERT_LAYOUT, PER_EXPERT),
+        ),
+    )
+    return packed + per_expert if default == PACKED else per_expert + packed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -829,9 +956,44 @@ class ModelFamily:
         view.root = dict(raw)
         return view
 
-    def active_params(self, hf_config: Mapping[str, Any]) -> tuple[Param, ...]:
+    def variant_groups(self, hf_config: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+        """Each group of alternative HF layouts (`Param.variant`) and its options, default
+        first, among the rows that apply to this config."""
         hf = self.hf(hf_config)
-        return tuple(p for p in self.params if p.when(hf))
+        groups: dict[str, tuple[str, ...]] = {}
+        for param in self.params:
+            if param.variant is not None and param.when(hf):
+                group, option = param.variant
+                if option not in groups.get(group, ()):
+                    groups[group] = (*groups.get(group, ()), option)
+        return groups
+
+    def resolve_variants(
+        self, hf_config: Mapping[str, Any], variants: Mapping[str, str] | None = None
+    ) -> dict[str, str]:
+        """``variants`` with each unnamed group at its default; unknown names are refused."""
+        groups = self.variant_groups(hf_config)
+        chosen = dict(variants or {})
+        for group, option in chosen.items():
+            if group not in groups or option not in groups[group]:
+                known = {g: list(o) for g, o in groups.items()}
+                raise ValueError(
+                    f"{self.name}: unknown HF layout {group}={option!r}; this config has {known}"
+                )
+        return {group: chosen.get(group, options[0]) for group, options in groups.items()}
+
+    def active_params(
+        self, hf_config: Mapping[str, Any], variants: Mapping[str, str] | None = None
+    ) -> tuple[Param, ...]:
+        """The rows of this config; of alternative layouts, the chosen ``variants`` (defaults
+        elsewhere)."""
+        hf = self.hf(hf_config)
+        chosen = self.resolve_variants(hf, variants)
+        return tuple(
+            p
+            for p in self.params
+            if p.when(hf) and (p.variant is None or chosen[p.variant[0]] == p.variant[1])
+        )
 
     def transformer_config_kwargs(self, hf_config: Mapping[str, Any]) -> dict[str, Any]:
         """The family's TransformerConfig arguments; validates the config on the way."""

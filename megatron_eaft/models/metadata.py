@@ -59,6 +59,9 @@ class ModelMetadata:
     make_vocab_size_divisible_by: int = DEFAULT_VOCAB_DIVISOR
     source: str | None = None
     format_version: int = METADATA_FORMAT_VERSION
+    # Which of the family's alternative HF tensor layouts the source used (`Param.variant`,
+    # e.g. {"experts": "per_expert"}); export writes the same. Absent: the family's defaults.
+    hf_variants: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def for_hf_config(
@@ -116,7 +119,11 @@ class ModelMetadata:
     # -- the file ------------------------------------------------------------------------
 
     def as_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "hf_config": dict(self.hf_config)}
+        return {
+            **dataclasses.asdict(self),
+            "hf_config": dict(self.hf_config),
+            "hf_variants": dict(self.hf_variants),
+        }
 
     def write(self, root: str | os.PathLike) -> Path:
         """Write ``megatron_eaft_model.json`` (atomically) into a checkpoint root."""
@@ -166,6 +173,13 @@ class ModelMetadata:
         if raw["dtype"] not in DTYPE_NAMES:
             raise MegatronCheckpointError(
                 f"{where}: dtype {raw['dtype']!r} is not one of {list(DTYPE_NAMES)}"
+            )
+        variants = raw.get("hf_variants", {})
+        if not isinstance(variants, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in variants.items()
+        ):
+            raise MegatronCheckpointError(
+                f"{where}: hf_variants must be a JSON object of strings, got {variants!r}"
             )
         known = {f.name for f in dataclasses.fields(cls)}
         fields = {k: v for k, v in raw.items() if k in known}

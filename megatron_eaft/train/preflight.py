@@ -94,6 +94,26 @@ def _datasets(config: FinetuneConfig) -> list[tuple[str, str | None]]:
     ]
 
 
+def _check_moe_sequence_parallel(config: FinetuneConfig, metadata: ModelMetadata) -> None:
+    """Megatron-Core's MoE layer refuses a training forward at TP > 1 without sequence
+    parallelism (``moe_layer.py``), which would surface only after every rank has built and
+    loaded the model."""
+    parallel = config.parallel
+    if parallel.tensor <= 1 or parallel.sequence_parallel:
+        return
+    experts = metadata.model_family.transformer_config_kwargs(metadata.hf_config).get(
+        "num_moe_experts"
+    )
+    if experts:
+        raise ConfigError(
+            "parallel.sequence_parallel",
+            f"this {metadata.family} model has MoE layers, which Megatron-Core trains at "
+            f"parallel.tensor={parallel.tensor} only with sequence parallelism; set "
+            "parallel.sequence_parallel=true (or use parallel.expert instead of tensor "
+            "parallelism)",
+        )
+
+
 def preflight(config: FinetuneConfig) -> ModelMetadata:
     """Raise :class:`ConfigError` for what would otherwise fail inside every rank."""
     for key, path in _datasets(config):
@@ -104,6 +124,7 @@ def preflight(config: FinetuneConfig) -> ModelMetadata:
         check_layout(metadata, parallel_layout(config))
     except LayoutError as error:
         raise ConfigError(f"parallel.{error.option}", str(error)) from None
+    _check_moe_sequence_parallel(config, metadata)
     if not config.data.allow_tokenizer_mismatch:
         for key, path in _datasets(config):
             if path is None:

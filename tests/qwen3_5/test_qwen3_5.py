@@ -87,11 +87,15 @@ def test_converted_checkpoints_match_megatron_and_transformers(dist, checkpoints
         [(str(made[name].megatron_dir), tp, pp) for name, tp, pp in runs],
         input_ids,
     )[0]
-    results = {("lm", 1, 1): tp1, **dict(zip(runs, layouts, strict=True))}
-    for (name, tp, pp), logits in results.items():
+    assert_logits_match(made, {("lm", 1, 1): tp1, **dict(zip(runs, layouts, strict=True))})
+
+
+def assert_logits_match(made: dict, results: dict[tuple, torch.Tensor]) -> None:
+    """Each (checkpoint name, *layout) run's logits against that checkpoint's reference."""
+    for (name, *layout), logits in results.items():
         comparison = verify.compare_logits(made[name].logits, logits)
-        assert comparison.max_abs_diff <= ATOL, (name, tp, pp, comparison.line())
-        assert comparison.top1_agreement == 1.0, (name, tp, pp, comparison.line())
+        assert comparison.max_abs_diff <= ATOL, (name, layout, comparison.line())
+        assert comparison.top1_agreement == 1.0, (name, layout, comparison.line())
 
 
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -101,17 +105,24 @@ def _tensors(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@pytest.mark.parametrize("name", ["lm", "vl"])
-def test_export_is_bit_exact(checkpoints, tmp_path, name):
-    _, made = checkpoints
-    source = made[name]
-    out = tmp_path / "exported"
+def export_bit_exact(source: SimpleNamespace, out: Path) -> dict[str, torch.Tensor]:
+    """Export ``source.megatron_dir`` to ``out``; every tensor of ``source.hf_dir`` comes back
+    with its name, dtype and bits, and nothing else. Returns the exported tensors."""
     export_megatron_checkpoint(source.megatron_dir, out, progress=False, fsync=False)
     original, exported = _tensors(source.hf_dir), _tensors(out)
     assert sorted(exported) == sorted(original)
     for tensor_name, tensor in original.items():
         assert exported[tensor_name].dtype == tensor.dtype, tensor_name
         assert torch.equal(exported[tensor_name], tensor), tensor_name
+    return exported
+
+
+@pytest.mark.parametrize("name", ["lm", "vl"])
+def test_export_is_bit_exact(checkpoints, tmp_path, name):
+    _, made = checkpoints
+    source = made[name]
+    out = tmp_path / "exported"
+    exported = export_bit_exact(source, out)
     if name == "vl":
         assert any(n.startswith("model.visual.") for n in exported)
     assert (

@@ -49,7 +49,15 @@ loops and no I/O, only:
    * More transforms: ``SplitRows(*sections)`` (one HF tensor -> several Megatron keys by row
      sections; the row's ``megatron`` is then a tuple of keys), ``INTERLEAVE_GATED_QKV``
      (gated attention: HF ``q_proj`` per head [q; gate] -> [queries; gates; k; v] per group),
-     ``ZERO_CENTERED_NORM`` (a plain HF norm weight ``w`` stored as Megatron's ``w - 1``).
+     ``ZERO_CENTERED_NORM`` (a plain HF norm weight ``w`` stored as Megatron's ``w - 1``),
+     ``PackedExperts(inner)`` / ``PACKED_EXPERTS`` (HF tensors with every expert of a layer on
+     a leading axis, ``experts.gate_up_proj`` [E, 2*moe_ffn, hidden]: one unit per layer, HF
+     names with ``{layer}`` and no ``{expert}``; same Megatron keys as the per-expert rows).
+   * ``variant``: ``(group, option)`` for rows that are one of several HF layouts of the same
+     Megatron tensors. Import reads the option the checkpoint has, records it in the metadata
+     (``hf_variants``) and export writes it back; a group's first option is its default.
+     ``routed_expert_rows(hf_prefix, layers=..., default=PACKED)`` gives the routed experts'
+     fc1 / fc2 rows in both layouts (``("experts", "packed")`` / ``("experts", "per_expert")``).
    * ``dtype``: a dtype the tensor keeps whatever the checkpoint's (``--dtype`` included), where
      both sides keep it so (the fp32 MoE expert bias beside bf16 weights).
 

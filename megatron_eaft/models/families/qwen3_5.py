@@ -204,6 +204,20 @@ def qwen3_5_block_spec(config: Any, transformer_impl: str, vp_stage: int | None)
     return gated_delta_net_block_spec(config, transformer_impl, vp_stage)
 
 
+def qwen3_5_layouts(causal_lm: str, vision_language: str) -> dict[str, HFLayout]:
+    """The causal LM's tensors as the table names them (MTP carried), and the published
+    vision-language checkpoints: text sub-config, `model.language_model.*`, vision tower and
+    MTP carried through."""
+    return {
+        causal_lm: HFLayout(carried=("mtp.",)),
+        vision_language: HFLayout(
+            text_config="text_config",
+            renames=(("model.", "model.language_model."),),
+            carried=("model.visual.", "mtp."),
+        ),
+    }
+
+
 FAMILY = ModelFamily(
     name="qwen3_5",
     architectures=("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"),
@@ -214,12 +228,5 @@ FAMILY = ModelFamily(
     block_spec_fn=qwen3_5_block_spec,
     ignored_hf=lm_head_beside_tied_embeddings,
     hf_config_class="Qwen3_5TextConfig",
-    layouts={
-        "Qwen3_5ForCausalLM": HFLayout(carried=("mtp.",)),
-        "Qwen3_5ForConditionalGeneration": HFLayout(
-            text_config="text_config",
-            renames=(("model.", "model.language_model."),),
-            carried=("model.visual.", "mtp."),
-        ),
-    },
+    layouts=qwen3_5_layouts("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"),
 )

@@ -4,6 +4,9 @@ HF routes with softmax over all experts, keeps the top k and, with `norm_topk_pr
 renormalises them; Megatron's `moe_router_pre_softmax=False` (top k of the logits, then
 softmax over those k) is the same function, and `pre_softmax=True` is the unnormalised one.
 
+HF experts are read per expert (the published files) or packed (``experts.gate_up_proj``, how
+transformers 5 holds them), whichever the checkpoint has (``routed_expert_rows``).
+
 Checkpoint layout: experts are stored per expert under
 `decoder.layers.mlp.experts.experts.linear_fc{1,2}.weight` with [layer, expert] leading axes.
 Megatron-Core writes that layout for both the sequential experts of the local spec and
@@ -25,9 +28,14 @@ from megatron_eaft.models.families.qwen2 import (
     lm_head_beside_tied_embeddings,
 )
 from megatron_eaft.models.families.qwen3 import QK_NORMS, qwen3_config
-from megatron_eaft.models.family import CONCAT_ROWS, HFConfig, ModelFamily, Param, llama_like_dims
-
-E = "mlp.experts.{expert}."
+from megatron_eaft.models.family import (
+    PER_EXPERT,
+    HFConfig,
+    ModelFamily,
+    Param,
+    llama_like_dims,
+    routed_expert_rows,
+)
 
 
 def qwen3_moe_config(hf: HFConfig) -> dict[str, Any]:
@@ -68,17 +76,8 @@ MOE_MLP = (
         ("hidden",),
     ),
     Param("decoder.layers.mlp.router.weight", L + "mlp.gate.weight", ("experts", "hidden")),
-    Param(
-        "decoder.layers.mlp.experts.experts.linear_fc1.weight",
-        (L + E + "gate_proj.weight", L + E + "up_proj.weight"),
-        (("moe_ffn", "hidden"), ("moe_ffn", "hidden")),
-        CONCAT_ROWS,
-    ),
-    Param(
-        "decoder.layers.mlp.experts.experts.linear_fc2.weight",
-        L + E + "down_proj.weight",
-        ("hidden", "moe_ffn"),
-    ),
+    # Published Qwen3-MoE files are per expert; transformers 5 holds the experts packed.
+    *routed_expert_rows(L + "mlp.experts.", default=PER_EXPERT),
 )
 
 FAMILY = ModelFamily(
