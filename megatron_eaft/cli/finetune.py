@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         return _config_error(
             f"checkpoint.save: cannot use {config.checkpoint.save}: {error.strerror}"
         )
+    from megatron_eaft.models.checkpoint_dir import MegatronCheckpointError
     from megatron_eaft.outputs import DiskFullError
     from megatron_eaft.train.trainer import main_worker
 
@@ -96,8 +97,9 @@ def run(args: argparse.Namespace) -> int:
         return main_worker(config)
     except ConfigError as error:
         return _config_error(error)
-    except DiskFullError as error:
-        # Every rank's save failed the same way; the last checkpoint is intact.
+    except (DiskFullError, MegatronCheckpointError) as error:
+        # Every rank fails the same way (a full disk on save, a checkpoint that does not fit
+        # the model on load); one line says so, and the last complete checkpoint is intact.
         return report_error("megatron-eaft finetune: error", error, 1)
     finally:
         if lock is not None:

@@ -57,6 +57,7 @@ def launch_torchrun(
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc (Linux)")
+@pytest.mark.slow
 def test_second_run_is_refused_and_kill_9_of_torchrun_stops_the_workers(
     tiny_checkpoint, packed_dataset, tmp_path
 ):
@@ -104,6 +105,7 @@ def test_second_run_is_refused_and_kill_9_of_torchrun_stops_the_workers(
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc (Linux)")
 def test_ctrl_c_under_torchrun_saves_at_the_step_end(tiny_checkpoint, packed_dataset, tmp_path):
     # Ctrl-C reaches torchrun only (its workers sit in their own sessions); torchrun passes
