@@ -57,6 +57,7 @@ class DemoSettings:
     general_eval_questions: int | None = None  # None: every general question
     domain_eval_questions: int = 60
     compare_sft: bool = True
+    held_out: str = "ends-in-7"  # a name in megatron_eaft.demo.data.HELD_OUT_RULES
 
 
 FULL = DemoSettings()
@@ -126,16 +127,19 @@ class StageTimer:
         self.log(f"   {name}: {self.seconds[name]:.1f} s wall, {self.cpu[name]:.1f} s CPU")
 
 
-def prepare_output_dir(out: Path) -> None:
-    """Start from an empty ``out``; refuse to clear a directory this demo did not create."""
+def prepare_output_dir(
+    out: Path, marker: str = MARKER_FILE, writer: str = "`megatron-eaft demo`"
+) -> None:
+    """Start from an empty ``out``; refuse to clear a directory ``writer`` did not create
+    (the one holding its ``marker`` file)."""
     if out.exists() and any(out.iterdir()):
-        if not (out / MARKER_FILE).is_file():
+        if not (out / marker).is_file():
             raise DemoError(
-                f"{out} exists, is not empty and was not written by the demo; choose another --out"
+                f"{out} exists, is not empty and was not written by {writer}; choose another --out"
             )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER_FILE).write_text("written by `megatron-eaft demo`; safe to delete\n")
+    (out / marker).write_text(f"written by {writer}; safe to delete\n")
 
 
 def _prepare_in_worker(config: Any) -> Any:
@@ -145,19 +149,25 @@ def _prepare_in_worker(config: Any) -> Any:
     return prepare_dataset(config)
 
 
-def finetune_rank(config_path: str) -> dict[str, Any] | None:
-    """`megatron-eaft finetune --config CONFIG` on one rank of a pool job; the last rank reports."""
+def finetune_rank(config_path: str, threads: int | None = None) -> dict[str, Any] | None:
+    """`megatron-eaft finetune --config CONFIG` on one rank of a pool job; the last rank reports.
+
+    ``threads``: torch threads for this rank (e.g. 1 where several jobs share the cores).
+    """
     import torch
 
     from megatron_eaft.train.config import load_config
     from megatron_eaft.train.trainer import run_training
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     result = run_training(load_config(config_path))
     if torch.distributed.get_rank() != torch.distributed.get_world_size() - 1:
         return None
     return {
         "records": [record.as_dict() for record in result.records],
         "eval_losses": dict(result.eval_losses),
+        "evaluations": dict(result.evaluations),
         "final_iteration": result.final_iteration,
     }
 
@@ -240,7 +250,7 @@ def run_demo(
             raise DemoError(
                 f"the pool has {pool.size} ranks; TP={settings.tensor_parallel} needs more"
             )
-        _build_base_model(settings, paths, timer, report, log)
+        build_base_model(settings, paths, timer, report, log)
         _convert_and_verify(settings, paths, timer, report, pool, log)
         _prepare_data(settings, paths, timer, report, pool, log)
         _diagnose_base(settings, paths, timer, report, pool, log)
@@ -270,13 +280,20 @@ def run_demo(
 # --- stages ------------------------------------------------------------------------------------
 
 
-def _build_base_model(settings, paths, timer, report, log) -> None:
+def build_base_model(settings, paths, timer, report, log) -> None:
+    """Data, tokenizer and the plain-torch pre-trained base (``paths["base_hf"]``).
+
+    ``settings``: anything with the :class:`DemoSettings` fields general_documents,
+    vocab_size, shape, pretrain and held_out (the forgetting experiment's settings have them).
+    """
     from megatron_eaft.demo.data import chatml, read_general, write_demo_data
     from megatron_eaft.demo.pretrain import pretrain
     from megatron_eaft.demo.tokenizer import train_tokenizer
 
     with timer.stage("data"):
-        files = write_demo_data(paths["data"], general_count=settings.general_documents)
+        files = write_demo_data(
+            paths["data"], general_count=settings.general_documents, held_out=settings.held_out
+        )
         for path in files.values():
             log(f"   {path.name}: {path.stat().st_size / 1024:.0f} KiB")
         report["data_files"] = {name: str(path) for name, path in files.items()}
