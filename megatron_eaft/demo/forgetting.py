@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from megatron_eaft.demo.pretrain import ModelShape, PretrainSettings
+from megatron_eaft.demo.pretrain import TINY_SHAPE, ModelShape, PretrainSettings
 from megatron_eaft.megatron.launcher import WorkerPool
 
 MARKER_FILE = ".megatron-eaft-forgetting"
@@ -90,15 +90,7 @@ FULL = ForgettingSettings()
 QUICK = ForgettingSettings(
     general_documents=60,
     vocab_size=400,
-    shape=ModelShape(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=128,
-    ),
+    shape=dataclasses.replace(TINY_SHAPE, num_hidden_layers=1),
     pretrain=PretrainSettings(steps=4, batch_size=4, seq_length=64, warmup=1),
     methods=("sft", "eaft"),
     learning_rates=(1e-3,),

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from megatron_eaft.demo.pretrain import ModelShape, PretrainSettings
+from megatron_eaft.demo.pretrain import TINY_SHAPE, ModelShape, PretrainSettings
 from megatron_eaft.megatron.launcher import WorkerPool
 from megatron_eaft.outputs import write_text_atomically
 
@@ -65,15 +65,7 @@ FULL = DemoSettings()
 QUICK = DemoSettings(
     general_documents=120,
     vocab_size=400,
-    shape=ModelShape(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=128,
-    ),
+    shape=TINY_SHAPE,
     pretrain=PretrainSettings(steps=8, batch_size=4, seq_length=64, warmup=2),
     seq_length=64,
     iterations=2,
