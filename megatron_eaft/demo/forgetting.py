@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from megatron_eaft.demo.pipeline import evaluate_rank, finetune_rank
 from megatron_eaft.demo.pretrain import TINY_SHAPE, ModelShape, PretrainSettings
 from megatron_eaft.megatron.launcher import WorkerPool
 
@@ -125,28 +126,6 @@ class Cell:
 def score(loss: float) -> float:
     """100 x exp(-loss): the geometric-mean probability (%) of each reference token."""
     return 100.0 * math.exp(-loss)
-
-
-# --- ranks (run on worker-pool processes that have Megatron imported) ---------------------------
-
-
-def evaluate_rank(config_path: str, threads: int | None = None) -> dict[str, Any] | None:
-    """The trainer's evaluation of every eval set, on the model the config loads, no training."""
-    import torch
-
-    from megatron_eaft.train.config import load_config
-    from megatron_eaft.train.trainer import Trainer
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-    trainer = Trainer(load_config(config_path))
-    try:
-        result = trainer.evaluate()
-    finally:
-        trainer.close()
-    if torch.distributed.get_rank() != torch.distributed.get_world_size() - 1:
-        return None
-    return result
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -583,7 +562,6 @@ def _scores(evaluation: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def _grid(settings, paths, timer, report, pools, log) -> dict[Cell, dict[str, list[float]]]:
-    from megatron_eaft.demo.pipeline import finetune_rank
 
     base_dir = paths["runs"] / "base_eval"
     config = _write_yaml(base_dir / "config.yaml", base_eval_config(settings, base_dir, paths))

@@ -56,6 +56,8 @@ class DemoSettings:
     diagnose_tokens: int = 8_000
     general_eval_questions: int | None = None  # None: every general question
     domain_eval_questions: int = 60
+    # Plain-text general documents scored during fine-tuning (eval.sets.general).
+    general_eval_documents: int = 200
     compare_sft: bool = True
     held_out: str = "ends-in-7"  # a name in megatron_eaft.demo.data.HELD_OUT_RULES
 
@@ -74,6 +76,7 @@ QUICK = DemoSettings(
     diagnose_tokens=300,
     general_eval_questions=6,
     domain_eval_questions=6,
+    general_eval_documents=8,
 )
 
 
@@ -119,9 +122,7 @@ class StageTimer:
         self.log(f"   {name}: {self.seconds[name]:.1f} s wall, {self.cpu[name]:.1f} s CPU")
 
 
-def prepare_output_dir(
-    out: Path, marker: str = MARKER_FILE, writer: str = "`megatron-eaft demo`"
-) -> None:
+def prepare_output_dir(out: Path, marker: str = MARKER_FILE, writer: str = "the demo") -> None:
     """Start from an empty ``out``; refuse to clear a directory ``writer`` did not create
     (the one holding its ``marker`` file)."""
     if out.exists() and any(out.iterdir()):
@@ -164,6 +165,26 @@ def finetune_rank(config_path: str, threads: int | None = None) -> dict[str, Any
     }
 
 
+def evaluate_rank(config_path: str, threads: int | None = None) -> dict[str, Any] | None:
+    """The trainer's evaluation of every eval set of a finetune config, without training: the
+    base model's numbers on the same sets, measured by the same code as the fine-tunes'."""
+    import torch
+
+    from megatron_eaft.train.config import load_config
+    from megatron_eaft.train.trainer import Trainer
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    trainer = Trainer(load_config(config_path))
+    try:
+        result = trainer.evaluate()
+    finally:
+        trainer.close()
+    if torch.distributed.get_rank() != torch.distributed.get_world_size() - 1:
+        return None
+    return result
+
+
 def finetune_config(settings: DemoSettings, run_dir: Path, kind: str, paths: dict[str, Path]):
     """The YAML of one fine-tuning run (paths relative to it), as `megatron-eaft finetune` reads."""
     eval_interval = max(1, settings.iterations // 4)
@@ -189,7 +210,13 @@ def finetune_config(settings: DemoSettings, run_dir: Path, kind: str, paths: dic
         },
         "eaft": {"kind": kind, "check_finite": True},
         "checkpoint": {"save": "checkpoints"},
-        "eval": {"interval": eval_interval, "iterations": 2},
+        # data.eval_path (the held-out conversions) as eval/lm loss; the general text as
+        # eval/general/lm loss: is the model forgetting while it learns?
+        "eval": {
+            "interval": eval_interval,
+            "iterations": 2,
+            "sets": {"general": os.path.relpath(paths["general_eval"], run_dir)},
+        },
         "logging": {
             "interval": max(1, settings.iterations // 10),
             "tensorboard_dir": "tensorboard",
@@ -232,6 +259,7 @@ def run_demo(
         "base_megatron": out / "base_megatron",
         "sft_data": out / "sft_data",
         "sft_eval": out / "sft_eval",
+        "general_eval": out / "general_eval",
         "diagnostics": out / "diagnostics",
         "runs": out / "runs",
     }
@@ -247,6 +275,7 @@ def run_demo(
         _prepare_data(settings, paths, timer, report, pool, log)
         _diagnose_base(settings, paths, timer, report, pool, log)
         kinds = ["eaft", "sft"] if settings.compare_sft else ["eaft"]
+        _evaluate_base(settings, paths, timer, report, pool, log)
         for kind in kinds:
             _finetune(settings, paths, kind, timer, report, pool, log)
     _export(paths, kinds, timer, report, log)
@@ -376,6 +405,47 @@ def _prepare_data(settings, paths, timer, report, pool, log) -> None:
             for line in summary.format(config).splitlines():
                 log(f"   {line}")
             report["sft_data"][split] = summary.as_dict()
+    from megatron_eaft.demo.data import read_general
+
+    source = paths["data"] / "general_eval.jsonl"
+    documents = read_general(paths["data"] / "general.jsonl")[: settings.general_eval_documents]
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents), "utf-8")
+    with timer.stage(
+        "prepare-data (general text)",
+        f"megatron-eaft prepare-data --input {source} --format text --tokenizer "
+        f"{paths['base_hf']} --output {paths['general_eval']} --seq-length {settings.seq_length}",
+    ):
+        config = PrepareConfig(
+            inputs=[source],
+            tokenizer=paths["base_hf"],
+            output=paths["general_eval"],
+            seq_length=settings.seq_length,
+            input_format="text",
+            progress=False,
+        )
+        summary = pool.run(_prepare_in_worker, 1, config)[0]
+        log(f"   {summary.format(config).splitlines()[0]}")
+        report["sft_data"]["general_text"] = summary.as_dict()
+
+
+def _eval_set_losses(evaluation: dict[str, dict[str, float]]) -> dict[str, float]:
+    """lm loss per eval set: data.eval_path as "domain", eval.sets.general as "general"."""
+    return {"domain": evaluation[""]["lm loss"], "general": evaluation["general"]["lm loss"]}
+
+
+def _evaluate_base(settings, paths, timer, report, pool, log) -> None:
+    run_dir = paths["runs"] / "base_eval"
+    config = finetune_config(settings, run_dir, "sft", paths)
+    config["checkpoint"] = {"save": None}
+    config_path = run_dir / "config.yaml"
+    _write_yaml(config_path, config)
+    with timer.stage("base model on the eval sets (no training)"):
+        result = next(
+            r
+            for r in pool.run(evaluate_rank, settings.tensor_parallel, str(config_path))
+            if r is not None
+        )
+    report["base_eval_sets"] = _eval_set_losses(result)
 
 
 def _diagnose_base(settings, paths, timer, report, pool, log) -> None:
@@ -433,6 +503,7 @@ def _finetune(settings, paths, kind, timer, report, pool, log) -> None:
         "first": records[0]["loss"],
         "last": records[-1]["loss"],
         "eval_lm_loss": {str(k): v for k, v in result["eval_losses"].items()},
+        "eval_sets": {str(k): _eval_set_losses(v) for k, v in result["evaluations"].items()},
         "ms_per_iteration": sum(r["ms_per_iteration"] for r in records) / len(records),
     }
 

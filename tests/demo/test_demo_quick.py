@@ -20,7 +20,9 @@ STAGES = (
     "convert verify",
     "prepare-data (train)",
     "prepare-data (eval)",
+    "prepare-data (general text)",
     "diagnose base model on the SFT data",
+    "base model on the eval sets (no training)",
     "finetune (eaft, TP=2, gloo)",
     "finetune (sft, TP=2, gloo)",
     "convert export (eaft)",
@@ -47,6 +49,7 @@ def test_every_stage_runs_and_is_timed(quick_demo):
         "conversion check",
         "confident conflicts",
         "training curves",
+        "forgetting while learning",
         "time per stage",
     ):
         assert line in text
@@ -70,6 +73,12 @@ def test_both_runs_trained_and_logged_finite_curves(quick_demo):
         assert "check_finite: true" in config and f"kind: {kind}" in config
         series = report["series"][kind]
         assert len(series["lm loss"]) == QUICK.iterations
+        # Both eval sets at every evaluation, the general text from eval.sets.
+        assert run["eval_sets"] and all(
+            math.isfinite(point["domain"]) and math.isfinite(point["general"])
+            for point in run["eval_sets"].values()
+        )
+        assert '"general/lm loss"' in (out / "runs" / kind / "metrics.jsonl").read_text()
     # Plain SFT weighs every token 1: its two losses coincide; EAFT's weights are < 1.
     sft, eaft = report["runs"]["sft"]["first"], report["runs"]["eaft"]["first"]
     assert sft["eaft loss"] == pytest.approx(sft["lm loss"])
