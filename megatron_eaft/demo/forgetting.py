@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import json
 import math
 import os
 import queue
@@ -25,6 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from megatron_eaft.demo.lm_eval_tasks import (
+    GENERAL_TASKS,
+    TARGET_TASK,
+    score_on_local_tasks,
+    write_jsonl,
+    write_lm_eval_tasks,
+)
 from megatron_eaft.demo.pipeline import evaluate_rank, finetune_rank
 from megatron_eaft.demo.pretrain import TINY_SHAPE, ModelShape, PretrainSettings
 from megatron_eaft.megatron.launcher import WorkerPool
@@ -32,9 +38,6 @@ from megatron_eaft.megatron.launcher import WorkerPool
 MARKER_FILE = ".megatron-eaft-forgetting"
 WRITER = "examples/forgetting/run.py"
 EVAL_SETS = ("target", "general", "general_text")
-TARGET_TASK = "conversions"
-GENERAL_TASKS = ("general_mc", "general_qa")
-CHAT_PROMPT = "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,17 +134,6 @@ def score(loss: float) -> float:
 # --- data ----------------------------------------------------------------------------------------
 
 
-def _write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> Path:
-    from megatron_eaft.outputs import write_text_atomically
-
-    write_text_atomically(path, "".join(json.dumps(record) + "\n" for record in records))
-    return path
-
-
-def _first(items: list, count: int | None) -> list:
-    return items if count is None else items[:count]
-
-
 def write_eval_sources(settings: ForgettingSettings, data_dir: Path) -> dict[str, Path]:
     """The three eval sets' JSONL (the target one is the demo data's domain_eval.jsonl)."""
     from megatron_eaft.demo.data import as_chat, general_questions, read_general
@@ -150,132 +142,11 @@ def write_eval_sources(settings: ForgettingSettings, data_dir: Path) -> dict[str
     documents = read_general(data_dir / "general.jsonl")[: settings.general_text_documents]
     return {
         "target": data_dir / "domain_eval.jsonl",
-        "general": _write_jsonl(data_dir / "general_eval.jsonl", general),
-        "general_text": _write_jsonl(
+        "general": write_jsonl(data_dir / "general_eval.jsonl", general),
+        "general_text": write_jsonl(
             data_dir / "general_text_eval.jsonl", [{"text": doc} for doc in documents]
         ),
     }
-
-
-def _distractors(template: str, entity: str, pool: Sequence[str], k: int = 3) -> list[str]:
-    """``template`` (one ``{}``) filled with ``entity``, then with the next ``k`` other
-    entities of its category."""
-    others = [item for item in pool if item != entity]
-    start = pool.index(entity) % max(1, len(others))
-    picked = [others[(start + i) % len(others)] for i in range(k)]
-    return [template.format(item) for item in (entity, *picked)]
-
-
-def general_choices() -> list[dict[str, Any]]:
-    """Every general question with its answer and three same-category wrong answers (index 0
-    is right; lm_eval scores each choice's log-likelihood)."""
-    from megatron_eaft.demo.data import _article, _capitalise
-    from megatron_eaft.demo.data.facts import (
-        ANIMAL_SOUNDS,
-        CAPITALS,
-        COLOURS,
-        DAYS,
-        MONTHS,
-        OPPOSITES,
-    )
-
-    rows = []
-
-    def add(question: str, choices: list[str]) -> None:
-        rows.append({"question": question, "choices": choices, "answer": 0})
-
-    cities = [city for _, city in CAPITALS]
-    for country, city in CAPITALS:
-        add(
-            f"What is the capital of {country}?",
-            _distractors(f"The capital of {country} is {{}}.", city, cities),
-        )
-    sounds = sorted({sound for _, sound in ANIMAL_SOUNDS})
-    for animal, sound in ANIMAL_SOUNDS:
-        a = _article(animal)
-        add(
-            f"What sound does {a} {animal} make?",
-            _distractors(f"{_capitalise(a)} {animal} {{}}.", sound, sounds),
-        )
-    colours = sorted({colour for _, colour in COLOURS})
-    for thing, colour in COLOURS:
-        add(
-            f"What colour is {thing}?",
-            _distractors(f"{_capitalise(thing)} is {{}}.", colour, colours),
-        )
-    words = [b for _, b in OPPOSITES]
-    for a, b in OPPOSITES:
-        add(
-            f"What is the opposite of {a}?",
-            _distractors(f"The opposite of {a} is {{}}.", b, words),
-        )
-    for i, day in enumerate(DAYS):
-        add(
-            f"What day comes after {day}?",
-            _distractors(f"The day after {day} is {{}}.", DAYS[(i + 1) % 7], list(DAYS)),
-        )
-    for i, month in enumerate(MONTHS):
-        add(
-            f"Which month comes after {month}?",
-            _distractors(f"The month after {month} is {{}}.", MONTHS[(i + 1) % 12], list(MONTHS)),
-        )
-    return rows
-
-
-def write_lm_eval_tasks(settings: ForgettingSettings, directory: Path) -> Path:
-    """Local lm_eval tasks (YAML over JSONL): conversions (held-out, generate + exact match),
-    general_mc (log-likelihood over 4 answers), general_qa (generate + exact match)."""
-    from megatron_eaft.demo.data import (
-        CONVERSIONS,
-        QUESTION_TEMPLATES,
-        domain_qa,
-        general_questions,
-    )
-
-    directory.mkdir(parents=True, exist_ok=True)
-    held_out = domain_qa("eval", settings.held_out)
-    # One template per (number, conversion), cycling through the templates.
-    per_question = len(QUESTION_TEMPLATES)
-    conversions = [
-        {"question": qa.question, "answer": qa.answer}
-        for index, qa in enumerate(held_out)
-        if index % per_question == (index // per_question) % per_question
-    ]
-    assert len(conversions) == len(held_out) // per_question and CONVERSIONS
-    documents = {
-        TARGET_TASK: _first(conversions, settings.target_questions),
-        "general_mc": _first(general_choices(), settings.general_questions),
-        "general_qa": _first(
-            [{"question": qa.question, "answer": qa.answer} for qa in general_questions()],
-            settings.general_questions,
-        ),
-    }
-    prompt = json.dumps(CHAT_PROMPT.format(question="{{question}}"))
-    cache = directory / "datasets_cache"
-    for name, rows in documents.items():
-        _write_jsonl(directory / f"{name}.jsonl", rows)
-        head = (
-            f"task: {name}\ndataset_path: json\ntest_split: test\n"
-            f"dataset_kwargs: {{data_files: {{test: {directory / f'{name}.jsonl'}}}, "
-            f"cache_dir: {cache}}}\n"
-            f"doc_to_text: {prompt}\ntarget_delimiter: ''\n"
-        )
-        if name == "general_mc":
-            body = (
-                "output_type: multiple_choice\n"
-                'doc_to_choice: "{{choices}}"\ndoc_to_target: answer\n'
-                "metric_list: [{metric: acc, aggregation: mean, higher_is_better: true}]\n"
-            )
-        else:
-            body = (
-                "output_type: generate_until\n"
-                'doc_to_target: "{{answer}}"\n'
-                "generation_kwargs: {until: ['<|im_end|>', '\\n'], max_gen_toks: 24, "
-                "do_sample: false}\n"
-                "metric_list: [{metric: exact_match, aggregation: mean, higher_is_better: true}]\n"
-            )
-        (directory / f"{name}.yaml").write_text(head + body, encoding="utf-8")
-    return directory
 
 
 # --- configs -------------------------------------------------------------------------------------
@@ -615,11 +486,7 @@ def _benchmark(settings, paths, chosen, timer, report, log) -> None:
     """Export each seed's checkpoint at each method's chosen cell; `megatron-eaft evaluate`."""
     from megatron_eaft.convert.checkpoint import copy_side_files
     from megatron_eaft.convert.engine import export_megatron_checkpoint
-    from megatron_eaft.evaluation.compare import EvaluationRequest, compare_models
-    from megatron_eaft.evaluation.harness import HarnessSettings
 
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     models = [f"base={paths['base_hf']}"]
     with timer.stage("convert export (chosen checkpoints)"):
         for method, (cell, _) in chosen.items():
@@ -631,29 +498,18 @@ def _benchmark(settings, paths, chosen, timer, report, log) -> None:
                 )
                 copy_side_files(paths["base_hf"], target)
                 models.append(f"{method}_seed{seed}={target}")
-    tasks = write_lm_eval_tasks(settings, paths["data"] / "lm_eval_tasks")
-    out = paths["data"].parent / "evaluate"
-    command = (
-        f"megatron-eaft evaluate {' '.join('--model ' + m for m in models)} --target-tasks "
-        f"{TARGET_TASK} --general-tasks {','.join(GENERAL_TASKS)} --include-path {tasks} "
-        f"--device cpu --dtype float32 --batch-size {settings.eval_batch_size} --out {out}"
+    tasks = write_lm_eval_tasks(
+        paths["data"] / "lm_eval_tasks",
+        settings.held_out,
+        settings.target_questions,
+        settings.general_questions,
     )
-    with timer.stage("megatron-eaft evaluate (lm_eval, local tasks)", command):
-        comparison = compare_models(
-            EvaluationRequest(
-                models=models,
-                target_tasks=[TARGET_TASK],
-                general_tasks=list(GENERAL_TASKS),
-                include_paths=[tasks],
-                out=out,
-                settings=HarnessSettings(
-                    batch_size=str(settings.eval_batch_size), device="cpu", dtype="float32"
-                ),
-            ),
-            log=lambda line: log(f"   {line}"),
+    with timer.stage("megatron-eaft evaluate (lm_eval, local tasks)"):
+        comparison, _ = score_on_local_tasks(
+            models, tasks, paths["data"].parent / "evaluate", settings.eval_batch_size, log
         )
     report["benchmarks"] = comparison.as_dict()
-    report["benchmark_dir"] = str(out)
+    report["benchmark_dir"] = str(paths["data"].parent / "evaluate")
     # The grid's checkpoints (Adam state included) were only needed for these exports.
     for method, lr, seed in itertools.product(
         settings.methods, settings.learning_rates, settings.seeds

@@ -281,6 +281,7 @@ def run_demo(
     _export(paths, kinds, timer, report, log)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     _evaluate(settings, paths, kinds, timer, report, log)
+    _benchmark(settings, paths, kinds, timer, report, log)
     _plot_runs(paths, kinds, timer, report, log)
     report["stage_seconds"] = timer.seconds
     report["stage_cpu_seconds"] = timer.cpu
@@ -584,6 +585,34 @@ def _evaluate(settings, paths, kinds, timer, report, log) -> None:
         "general_questions": len(general_qa),
         "general_documents": len(general_docs),
         "models": results,
+    }
+
+
+def _benchmark(settings, paths, kinds, timer, report, log) -> None:
+    """The paper's table for the demo's models: `megatron-eaft evaluate` on local lm_eval tasks
+    (skipped, with a line saying so, without the `eval` extra)."""
+    import importlib.util
+
+    from megatron_eaft.demo.lm_eval_tasks import score_on_local_tasks, write_lm_eval_tasks
+
+    if importlib.util.find_spec("lm_eval") is None:
+        log('\n== megatron-eaft evaluate: skipped (pip install "megatron-eaft[eval]")')
+        return
+    tasks = write_lm_eval_tasks(
+        paths["data"] / "lm_eval_tasks",
+        settings.held_out,
+        settings.domain_eval_questions,
+        settings.general_eval_questions,
+    )
+    models = [f"base={paths['base_hf']}", *(f"{kind}={paths[f'{kind}_hf']}" for kind in kinds)]
+    with timer.stage("megatron-eaft evaluate (lm_eval, local tasks)"):
+        comparison, command = score_on_local_tasks(
+            models, tasks, paths["diagnostics"] / "evaluate", 32, log
+        )
+    report["benchmarks"] = {
+        "command": command,
+        "table": comparison.format(),
+        "results": comparison.as_dict(),
     }
 
 

@@ -143,6 +143,15 @@ def format_report(report: dict[str, Any]) -> str:
             lines += [
                 f"    {label:>4}: {result['samples'][question]}" for label, result in models.items()
             ]
+    benchmarks = report.get("benchmarks")
+    if benchmarks:
+        lines += [
+            "",
+            "the paper's table (megatron-eaft evaluate, lm_eval on local tasks: held-out "
+            "conversions by exact match; the general questions as a 4-way choice and by exact "
+            "match):",
+        ]
+        lines += [f"  {line}" for line in benchmarks["table"].splitlines()]
     lines += ["", "time per stage (wall; CPU of this process and its ranks):"]
     cpu = report.get("stage_cpu_seconds", {})
     for stage, seconds in report.get("stage_seconds", {}).items():

@@ -28,6 +28,7 @@ STAGES = (
     "convert export (eaft)",
     "convert export (sft)",
     "evaluate with transformers (generate)",
+    "megatron-eaft evaluate (lm_eval, local tasks)",
     "plot training curves",
 )
 
@@ -50,6 +51,7 @@ def test_every_stage_runs_and_is_timed(quick_demo):
         "confident conflicts",
         "training curves",
         "forgetting while learning",
+        "the paper's table",
         "time per stage",
     ):
         assert line in text
@@ -101,6 +103,7 @@ def test_exported_models_load_and_differ_by_loss(quick_demo):
         weights[label] = model.model.layers[0].mlp.down_proj.weight
     assert not torch.equal(weights["base"], weights["eaft"])
     assert not torch.equal(weights["eaft"], weights["sft"])
+    assert set(report["benchmarks"]["results"]["models"]) == {"base", "eaft", "sft"}
     models = report["evaluation"]["models"]
     assert set(models) == {"base", "eaft", "sft"}
     for result in models.values():
