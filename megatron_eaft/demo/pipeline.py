@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from megatron_eaft.demo.pretrain import ModelShape, PretrainSettings
+from megatron_eaft.demo.pretrain import TINY_SHAPE, ModelShape, PretrainSettings
 from megatron_eaft.megatron.launcher import WorkerPool
 from megatron_eaft.outputs import write_text_atomically
 
@@ -56,7 +56,10 @@ class DemoSettings:
     diagnose_tokens: int = 8_000
     general_eval_questions: int | None = None  # None: every general question
     domain_eval_questions: int = 60
+    # Plain-text general documents scored during fine-tuning (eval.sets.general).
+    general_eval_documents: int = 200
     compare_sft: bool = True
+    held_out: str = "ends-in-7"  # a name in megatron_eaft.demo.data.HELD_OUT_RULES
 
 
 FULL = DemoSettings()
@@ -64,15 +67,7 @@ FULL = DemoSettings()
 QUICK = DemoSettings(
     general_documents=120,
     vocab_size=400,
-    shape=ModelShape(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=128,
-    ),
+    shape=TINY_SHAPE,
     pretrain=PretrainSettings(steps=8, batch_size=4, seq_length=64, warmup=2),
     seq_length=64,
     iterations=2,
@@ -81,6 +76,7 @@ QUICK = DemoSettings(
     diagnose_tokens=300,
     general_eval_questions=6,
     domain_eval_questions=6,
+    general_eval_documents=8,
 )
 
 
@@ -126,16 +122,17 @@ class StageTimer:
         self.log(f"   {name}: {self.seconds[name]:.1f} s wall, {self.cpu[name]:.1f} s CPU")
 
 
-def prepare_output_dir(out: Path) -> None:
-    """Start from an empty ``out``; refuse to clear a directory this demo did not create."""
+def prepare_output_dir(out: Path, marker: str = MARKER_FILE, writer: str = "the demo") -> None:
+    """Start from an empty ``out``; refuse to clear a directory ``writer`` did not create
+    (the one holding its ``marker`` file)."""
     if out.exists() and any(out.iterdir()):
-        if not (out / MARKER_FILE).is_file():
+        if not (out / marker).is_file():
             raise DemoError(
-                f"{out} exists, is not empty and was not written by the demo; choose another --out"
+                f"{out} exists, is not empty and was not written by {writer}; choose another --out"
             )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER_FILE).write_text("written by `megatron-eaft demo`; safe to delete\n")
+    (out / marker).write_text(f"written by {writer}; safe to delete\n")
 
 
 def _prepare_in_worker(config: Any) -> Any:
@@ -145,21 +142,47 @@ def _prepare_in_worker(config: Any) -> Any:
     return prepare_dataset(config)
 
 
-def finetune_rank(config_path: str) -> dict[str, Any] | None:
-    """`megatron-eaft finetune --config CONFIG` on one rank of a pool job; the last rank reports."""
+def finetune_rank(config_path: str, threads: int | None = None) -> dict[str, Any] | None:
+    """`megatron-eaft finetune --config CONFIG` on one rank of a pool job; the last rank reports.
+
+    ``threads``: torch threads for this rank (e.g. 1 where several jobs share the cores).
+    """
     import torch
 
     from megatron_eaft.train.config import load_config
     from megatron_eaft.train.trainer import run_training
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     result = run_training(load_config(config_path))
     if torch.distributed.get_rank() != torch.distributed.get_world_size() - 1:
         return None
     return {
         "records": [record.as_dict() for record in result.records],
         "eval_losses": dict(result.eval_losses),
+        "evaluations": dict(result.evaluations),
         "final_iteration": result.final_iteration,
     }
+
+
+def evaluate_rank(config_path: str, threads: int | None = None) -> dict[str, Any] | None:
+    """The trainer's evaluation of every eval set of a finetune config, without training: the
+    base model's numbers on the same sets, measured by the same code as the fine-tunes'."""
+    import torch
+
+    from megatron_eaft.train.config import load_config
+    from megatron_eaft.train.trainer import Trainer
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    trainer = Trainer(load_config(config_path))
+    try:
+        result = trainer.evaluate()
+    finally:
+        trainer.close()
+    if torch.distributed.get_rank() != torch.distributed.get_world_size() - 1:
+        return None
+    return result
 
 
 def finetune_config(settings: DemoSettings, run_dir: Path, kind: str, paths: dict[str, Path]):
@@ -187,7 +210,13 @@ def finetune_config(settings: DemoSettings, run_dir: Path, kind: str, paths: dic
         },
         "eaft": {"kind": kind, "check_finite": True},
         "checkpoint": {"save": "checkpoints"},
-        "eval": {"interval": eval_interval, "iterations": 2},
+        # data.eval_path (the held-out conversions) as eval/lm loss; the general text as
+        # eval/general/lm loss: is the model forgetting while it learns?
+        "eval": {
+            "interval": eval_interval,
+            "iterations": 2,
+            "sets": {"general": os.path.relpath(paths["general_eval"], run_dir)},
+        },
         "logging": {
             "interval": max(1, settings.iterations // 10),
             "tensorboard_dir": "tensorboard",
@@ -230,6 +259,7 @@ def run_demo(
         "base_megatron": out / "base_megatron",
         "sft_data": out / "sft_data",
         "sft_eval": out / "sft_eval",
+        "general_eval": out / "general_eval",
         "diagnostics": out / "diagnostics",
         "runs": out / "runs",
     }
@@ -240,16 +270,18 @@ def run_demo(
             raise DemoError(
                 f"the pool has {pool.size} ranks; TP={settings.tensor_parallel} needs more"
             )
-        _build_base_model(settings, paths, timer, report, log)
+        build_base_model(settings, paths, timer, report, log)
         _convert_and_verify(settings, paths, timer, report, pool, log)
         _prepare_data(settings, paths, timer, report, pool, log)
         _diagnose_base(settings, paths, timer, report, pool, log)
         kinds = ["eaft", "sft"] if settings.compare_sft else ["eaft"]
+        _evaluate_base(settings, paths, timer, report, pool, log)
         for kind in kinds:
             _finetune(settings, paths, kind, timer, report, pool, log)
     _export(paths, kinds, timer, report, log)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     _evaluate(settings, paths, kinds, timer, report, log)
+    _benchmark(settings, paths, kinds, timer, report, log)
     _plot_runs(paths, kinds, timer, report, log)
     report["stage_seconds"] = timer.seconds
     report["stage_cpu_seconds"] = timer.cpu
@@ -270,13 +302,20 @@ def run_demo(
 # --- stages ------------------------------------------------------------------------------------
 
 
-def _build_base_model(settings, paths, timer, report, log) -> None:
+def build_base_model(settings, paths, timer, report, log) -> None:
+    """Data, tokenizer and the plain-torch pre-trained base (``paths["base_hf"]``).
+
+    ``settings``: anything with the :class:`DemoSettings` fields general_documents,
+    vocab_size, shape, pretrain and held_out (the forgetting experiment's settings have them).
+    """
     from megatron_eaft.demo.data import chatml, read_general, write_demo_data
     from megatron_eaft.demo.pretrain import pretrain
     from megatron_eaft.demo.tokenizer import train_tokenizer
 
     with timer.stage("data"):
-        files = write_demo_data(paths["data"], general_count=settings.general_documents)
+        files = write_demo_data(
+            paths["data"], general_count=settings.general_documents, held_out=settings.held_out
+        )
         for path in files.values():
             log(f"   {path.name}: {path.stat().st_size / 1024:.0f} KiB")
         report["data_files"] = {name: str(path) for name, path in files.items()}
@@ -367,6 +406,47 @@ def _prepare_data(settings, paths, timer, report, pool, log) -> None:
             for line in summary.format(config).splitlines():
                 log(f"   {line}")
             report["sft_data"][split] = summary.as_dict()
+    from megatron_eaft.demo.data import read_general
+
+    source = paths["data"] / "general_eval.jsonl"
+    documents = read_general(paths["data"] / "general.jsonl")[: settings.general_eval_documents]
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents), "utf-8")
+    with timer.stage(
+        "prepare-data (general text)",
+        f"megatron-eaft prepare-data --input {source} --format text --tokenizer "
+        f"{paths['base_hf']} --output {paths['general_eval']} --seq-length {settings.seq_length}",
+    ):
+        config = PrepareConfig(
+            inputs=[source],
+            tokenizer=paths["base_hf"],
+            output=paths["general_eval"],
+            seq_length=settings.seq_length,
+            input_format="text",
+            progress=False,
+        )
+        summary = pool.run(_prepare_in_worker, 1, config)[0]
+        log(f"   {summary.format(config).splitlines()[0]}")
+        report["sft_data"]["general_text"] = summary.as_dict()
+
+
+def _eval_set_losses(evaluation: dict[str, dict[str, float]]) -> dict[str, float]:
+    """lm loss per eval set: data.eval_path as "domain", eval.sets.general as "general"."""
+    return {"domain": evaluation[""]["lm loss"], "general": evaluation["general"]["lm loss"]}
+
+
+def _evaluate_base(settings, paths, timer, report, pool, log) -> None:
+    run_dir = paths["runs"] / "base_eval"
+    config = finetune_config(settings, run_dir, "sft", paths)
+    config["checkpoint"] = {"save": None}
+    config_path = run_dir / "config.yaml"
+    _write_yaml(config_path, config)
+    with timer.stage("base model on the eval sets (no training)"):
+        result = next(
+            r
+            for r in pool.run(evaluate_rank, settings.tensor_parallel, str(config_path))
+            if r is not None
+        )
+    report["base_eval_sets"] = _eval_set_losses(result)
 
 
 def _diagnose_base(settings, paths, timer, report, pool, log) -> None:
@@ -424,6 +504,7 @@ def _finetune(settings, paths, kind, timer, report, pool, log) -> None:
         "first": records[0]["loss"],
         "last": records[-1]["loss"],
         "eval_lm_loss": {str(k): v for k, v in result["eval_losses"].items()},
+        "eval_sets": {str(k): _eval_set_losses(v) for k, v in result["evaluations"].items()},
         "ms_per_iteration": sum(r["ms_per_iteration"] for r in records) / len(records),
     }
 
@@ -504,6 +585,34 @@ def _evaluate(settings, paths, kinds, timer, report, log) -> None:
         "general_questions": len(general_qa),
         "general_documents": len(general_docs),
         "models": results,
+    }
+
+
+def _benchmark(settings, paths, kinds, timer, report, log) -> None:
+    """The paper's table for the demo's models: `megatron-eaft evaluate` on local lm_eval tasks
+    (skipped, with a line saying so, without the `eval` extra)."""
+    import importlib.util
+
+    from megatron_eaft.demo.lm_eval_tasks import score_on_local_tasks, write_lm_eval_tasks
+
+    if importlib.util.find_spec("lm_eval") is None:
+        log('\n== megatron-eaft evaluate: skipped (pip install "megatron-eaft[eval]")')
+        return
+    tasks = write_lm_eval_tasks(
+        paths["data"] / "lm_eval_tasks",
+        settings.held_out,
+        settings.domain_eval_questions,
+        settings.general_eval_questions,
+    )
+    models = [f"base={paths['base_hf']}", *(f"{kind}={paths[f'{kind}_hf']}" for kind in kinds)]
+    with timer.stage("megatron-eaft evaluate (lm_eval, local tasks)"):
+        comparison, command = score_on_local_tasks(
+            models, tasks, paths["diagnostics"] / "evaluate", 32, log
+        )
+    report["benchmarks"] = {
+        "command": command,
+        "table": comparison.format(),
+        "results": comparison.as_dict(),
     }
 
 

@@ -30,6 +30,18 @@ class ModelShape:
     rope_theta: float = 10_000.0
 
 
+# The smallest shape worth running: what the quick settings (the tests) pre-train.
+TINY_SHAPE = ModelShape(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    max_position_embeddings=128,
+)
+
+
 @dataclass(frozen=True)
 class PretrainSettings:
     # Measured: copying the question's entity into the answer (and so 99/99 general questions

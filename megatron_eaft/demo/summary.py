@@ -48,6 +48,30 @@ def _curve_table(series: dict[str, dict[str, list]]) -> list[str]:
     return lines
 
 
+def _eval_set_table(report: dict[str, Any]) -> list[str]:
+    """lm loss of the held-out conversions (domain) and the general text at each evaluation,
+    every run side by side; iteration 0 is the base model, measured the same way."""
+    runs = {kind: run["eval_sets"] for kind, run in report.get("runs", {}).items()}
+    base = report.get("base_eval_sets")
+    if not runs or base is None:
+        return []
+    kinds = list(runs)
+    header = "   iter | " + " | ".join(
+        f"{kind.upper()} {name:>7}" for kind in kinds for name in ("domain", "general")
+    )
+    lines = [header]
+    iterations = sorted({int(i) for points in runs.values() for i in points})
+    for iteration in [0, *iterations]:
+        cells = []
+        for kind in kinds:
+            point = base if iteration == 0 else runs[kind].get(str(iteration))
+            width = len(kind) + 8
+            for name in ("domain", "general"):
+                cells.append(" " * width if point is None else f"{point[name]:>{width}.4f}")
+        lines.append(f"  {iteration:5d} | " + " | ".join(cells))
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     model = report["model"]
     conversion = report["conversion"]
@@ -83,6 +107,14 @@ def format_report(report: dict[str, Any]) -> str:
             "training curves (per loss-masked token; conflicts = confident-conflict fraction):",
         ]
         lines += table
+    eval_sets = _eval_set_table(report)
+    if eval_sets:
+        lines += [
+            "",
+            "forgetting while learning: lm loss of the held-out conversions (domain) and of "
+            "general text (eval.sets.general), iteration 0 = the base model:",
+        ]
+        lines += eval_sets
     if report.get("curves"):
         lines += ["", report["curves"], f"  figure: {report['curves_png']}"]
     evaluation = report.get("evaluation")
@@ -111,6 +143,15 @@ def format_report(report: dict[str, Any]) -> str:
             lines += [
                 f"    {label:>4}: {result['samples'][question]}" for label, result in models.items()
             ]
+    benchmarks = report.get("benchmarks")
+    if benchmarks:
+        lines += [
+            "",
+            "the paper's table (megatron-eaft evaluate, lm_eval on local tasks: held-out "
+            "conversions by exact match; the general questions as a 4-way choice and by exact "
+            "match):",
+        ]
+        lines += [f"  {line}" for line in benchmarks["table"].splitlines()]
     lines += ["", "time per stage (wall; CPU of this process and its ranks):"]
     cpu = report.get("stage_cpu_seconds", {})
     for stage, seconds in report.get("stage_seconds", {}).items():

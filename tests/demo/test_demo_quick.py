@@ -20,12 +20,15 @@ STAGES = (
     "convert verify",
     "prepare-data (train)",
     "prepare-data (eval)",
+    "prepare-data (general text)",
     "diagnose base model on the SFT data",
+    "base model on the eval sets (no training)",
     "finetune (eaft, TP=2, gloo)",
     "finetune (sft, TP=2, gloo)",
     "convert export (eaft)",
     "convert export (sft)",
     "evaluate with transformers (generate)",
+    "megatron-eaft evaluate (lm_eval, local tasks)",
     "plot training curves",
 )
 
@@ -47,6 +50,8 @@ def test_every_stage_runs_and_is_timed(quick_demo):
         "conversion check",
         "confident conflicts",
         "training curves",
+        "forgetting while learning",
+        "the paper's table",
         "time per stage",
     ):
         assert line in text
@@ -70,6 +75,12 @@ def test_both_runs_trained_and_logged_finite_curves(quick_demo):
         assert "check_finite: true" in config and f"kind: {kind}" in config
         series = report["series"][kind]
         assert len(series["lm loss"]) == QUICK.iterations
+        # Both eval sets at every evaluation, the general text from eval.sets.
+        assert run["eval_sets"] and all(
+            math.isfinite(point["domain"]) and math.isfinite(point["general"])
+            for point in run["eval_sets"].values()
+        )
+        assert '"general/lm loss"' in (out / "runs" / kind / "metrics.jsonl").read_text()
     # Plain SFT weighs every token 1: its two losses coincide; EAFT's weights are < 1.
     sft, eaft = report["runs"]["sft"]["first"], report["runs"]["eaft"]["first"]
     assert sft["eaft loss"] == pytest.approx(sft["lm loss"])
@@ -92,6 +103,7 @@ def test_exported_models_load_and_differ_by_loss(quick_demo):
         weights[label] = model.model.layers[0].mlp.down_proj.weight
     assert not torch.equal(weights["base"], weights["eaft"])
     assert not torch.equal(weights["eaft"], weights["sft"])
+    assert set(report["benchmarks"]["results"]["models"]) == {"base", "eaft", "sft"}
     models = report["evaluation"]["models"]
     assert set(models) == {"base", "eaft", "sft"}
     for result in models.values():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,12 +43,15 @@ QUESTION_TEMPLATES: tuple[str, ...] = (
     "Convert {n} {big} to {small}.",
     "What is {n} {big} in {small}?",
 )
-# Numbers ending in 7 never appear in training: the evaluation asks about them.
 DOMAIN_NUMBERS = range(2, 100)
-
-
-def _is_held_out(number: int) -> bool:
-    return number % 10 == 7
+# Which numbers never appear in training (the evaluation asks about them). The demo holds out
+# the numbers ending in 7, so a 7 in the last place is never seen; "mod-7-is-3" holds out 14
+# numbers whose last digits all still occur in training.
+HELD_OUT_RULES: dict[str, Callable[[int], bool]] = {
+    "ends-in-7": lambda number: number % 10 == 7,
+    "mod-7-is-3": lambda number: number % 7 == 3,
+}
+DEFAULT_HELD_OUT = "ends-in-7"
 
 
 def _capitalise(text: str) -> str:
@@ -165,15 +168,18 @@ def general_documents(count: int, seed: int = 0) -> list[str]:
     return documents
 
 
-def domain_qa(split: str) -> list[QA]:
-    """Unit conversions: ``train`` (numbers not ending in 7, every question template) or
-    ``eval`` (numbers ending in 7, every template)."""
+def domain_qa(split: str, held_out: str = DEFAULT_HELD_OUT) -> list[QA]:
+    """Unit conversions, every question template: ``train`` (the numbers ``held_out``, a name
+    in :data:`HELD_OUT_RULES`, keeps for evaluation excluded) or ``eval`` (only those)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if held_out not in HELD_OUT_RULES:
+        raise ValueError(f"held_out must be one of {', '.join(HELD_OUT_RULES)}, got {held_out!r}")
+    is_held_out = HELD_OUT_RULES[held_out]
     qa = []
     for big, small, factor in CONVERSIONS:
         for n in DOMAIN_NUMBERS:
-            if _is_held_out(n) != (split == "eval"):
+            if is_held_out(n) != (split == "eval"):
                 continue
             answer = f"{n} {big} is {n * factor} {small}."
             for template in QUESTION_TEMPLATES:
@@ -197,12 +203,14 @@ def _write_atomically(path: Path, lines: Iterator[str]) -> Path:
     return path
 
 
-def write_demo_data(directory: Path, *, general_count: int, seed: int = 0) -> dict[str, Path]:
-    """general.txt (one document per line, chats with escaped newlines), domain_train.jsonl,
+def write_demo_data(
+    directory: Path, *, general_count: int, seed: int = 0, held_out: str = DEFAULT_HELD_OUT
+) -> dict[str, Path]:
+    """general.jsonl (``{"text": ...}``, one document per line), domain_train.jsonl,
     domain_eval.jsonl; returns their paths."""
     directory = Path(directory)
     rng = random.Random(seed)
-    train = domain_qa("train")
+    train = domain_qa("train", held_out)
     rng.shuffle(train)
     return {
         "general": _write_atomically(
@@ -213,7 +221,8 @@ def write_demo_data(directory: Path, *, general_count: int, seed: int = 0) -> di
             directory / "domain_train.jsonl", (json.dumps(as_chat(qa)) for qa in train)
         ),
         "domain_eval": _write_atomically(
-            directory / "domain_eval.jsonl", (json.dumps(as_chat(qa)) for qa in domain_qa("eval"))
+            directory / "domain_eval.jsonl",
+            (json.dumps(as_chat(qa)) for qa in domain_qa("eval", held_out)),
         ),
     }
 
