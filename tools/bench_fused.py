@@ -24,14 +24,12 @@ time <= 1.15x unfused on CPU. "met" is computed from this run's measurements onl
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import os
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +44,7 @@ from bench_loss import (  # the tools directory is not a package: imported by pa
     _Clock,
     _environment,
     _free_port,
+    _join_benchmark,
     _max_over_ranks,
     _median,
     _write_json_atomically,
@@ -211,22 +210,7 @@ def _bench_case(options: dict, case: dict, tp: int, rank: int, device: torch.dev
 
 
 def _rank_main(rank: int, world: int, options: dict, result_path: str) -> None:
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    import megatron.core.tensor_parallel  # noqa: F401  (every rank pays the import up front)
-
-    device = torch.device(options["device"])
-    if device.type == "cuda":
-        torch.cuda.set_device(rank)
-        device = torch.device("cuda", rank)
-    dist.init_process_group(
-        backend="nccl" if device.type == "cuda" else "gloo",
-        init_method=f"tcp://127.0.0.1:{options['port']}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=options["timeout_s"]),
-        **({"device_id": device} if device.type == "cuda" else {}),
-    )
+    device = _join_benchmark(rank, world, options)
     try:
         results = []
         for case, tp in itertools.product(options["cases"], options["tp"]):

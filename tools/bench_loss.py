@@ -313,7 +313,8 @@ def _bench_tp(options: dict, tp: int, rank: int, device: torch.device) -> dict |
     }
 
 
-def _rank_main(rank: int, world: int, options: dict, result_path: str) -> None:
+def _join_benchmark(rank: int, world: int, options: dict) -> torch.device:
+    """One benchmark rank: megatron imported, this rank's device, the process group."""
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     # Every rank pays megatron's import now, side by side: done lazily, a rank that sits out
@@ -332,6 +333,11 @@ def _rank_main(rank: int, world: int, options: dict, result_path: str) -> None:
         timeout=datetime.timedelta(seconds=options["timeout_s"]),
         **({"device_id": device} if device.type == "cuda" else {}),
     )
+    return device
+
+
+def _rank_main(rank: int, world: int, options: dict, result_path: str) -> None:
+    device = _join_benchmark(rank, world, options)
     try:
         per_tp = []
         for tp in options["tp"]:
