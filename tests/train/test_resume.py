@@ -141,6 +141,7 @@ def assert_continues_exactly(reference, resumed, start: int) -> None:
         )
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_at_step_end_and_resumes_exactly(
     dist, tiny_checkpoint, packed_dataset, tmp_path
 ):
@@ -202,6 +203,7 @@ def test_sigterm_checkpoints_at_step_end_and_resumes_exactly(
     assert [e.step for e in events.Scalars("lm loss")] == list(range(1, ITERATIONS + 1))
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_resumes_from_last_complete_checkpoint(
     dist, tiny_checkpoint, packed_dataset, tmp_path
 ):
