@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from megatron_eaft.train.checkpointing import latest_iteration
