@@ -396,7 +396,7 @@ class PadVocab(Transform):
         return [megatron[: shape[0]]]
 
 
-class InterleaveGatedQKV(Transform):
+class InterleaveGatedQKV(InterleaveQKV):
     """Gated attention: HF q_proj (per head [q_h; gate_h]), k, v -> Megatron's fused QKV.
 
     With ``attention_output_gate`` Megatron lays out each query group as
@@ -405,10 +405,6 @@ class InterleaveGatedQKV(Transform):
     """
 
     name = "interleave_gated_qkv"
-
-    def megatron_shape(self, hf_shapes: Sequence[Shape], dims: Dims) -> Shape:
-        q, k, v = hf_shapes
-        return (q[0] + k[0] + v[0], *q[1:])
 
     def to_megatron(self, hf: Sequence[torch.Tensor], dims: Dims) -> list[Piece]:
         q_and_gate, k, v = hf
