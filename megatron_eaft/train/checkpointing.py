@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_eaft.models.bridge_config import write_bridge_run_config
 from megatron_eaft.models.build import load_model_state, load_model_weights
 from megatron_eaft.models.checkpoint_dir import (
     TRAINING_STATE_KEY,
@@ -203,6 +204,14 @@ def save_checkpoint(
     torch.distributed.barrier()
     if rank == 0:
         with disk_full_as_error(final):
+            # So that Megatron-Bridge takes it as a pretrained checkpoint. The optimizer and RNG
+            # state are in our trainer's layout: Bridge is told there are none to restore.
+            layout = _layout()
+            write_bridge_run_config(
+                incomplete,
+                tensor_parallel=layout["tensor"],
+                pipeline_parallel=layout["pipeline"],
+            )
             if not (root / MODEL_METADATA_FILE).is_file():
                 model_description.write(root)
             publish_iteration(root, iteration)

@@ -8,13 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
 
 from megatron_eaft.models import checkpoint_dir as ckpt
+from megatron_eaft.models.bridge_config import BRIDGE_RUN_CONFIG_FILE
 from megatron_eaft.models.metadata import ModelMetadata
 from megatron_eaft.outputs import DiskFullError
 from megatron_eaft.train import checkpointing
 from tests.convert import tiny_models
+from tests.convert.test_bridge_run_config import BRIDGE_READS
 
 
 class Scheduler:
@@ -31,7 +34,7 @@ def single_rank_save(monkeypatch, save) -> None:
     monkeypatch.setattr(checkpointing, "_model_and_optimizer_state", lambda *a, **k: {})
     monkeypatch.setattr(checkpointing, "_sharded_rng_state", lambda *a: None)
     monkeypatch.setattr(checkpointing, "_rng_state", lambda: {})
-    monkeypatch.setattr(checkpointing, "_layout", lambda: {})
+    monkeypatch.setattr(checkpointing, "_layout", lambda: {"tensor": 2, "pipeline": 1})
     monkeypatch.setattr(checkpointing, "_save_strategy", lambda: None)
     monkeypatch.setattr(dist_checkpointing, "save", save)
 
@@ -60,6 +63,17 @@ def test_save_publishes_the_iteration_then_the_tracker(monkeypatch, tmp_path):
     assert save(tmp_path, 10) == tmp_path / "iter_0000010"
     assert ckpt.read_tracker(tmp_path) == 10
     assert not list(tmp_path.glob(".*")), "no temporaries left"
+
+
+def test_a_saved_iteration_carries_the_run_config_bridge_loads(monkeypatch, tmp_path):
+    single_rank_save(monkeypatch, write_a_file)
+    run_config = yaml.safe_load((save(tmp_path, 10) / BRIDGE_RUN_CONFIG_FILE).read_text())
+    for section, keys in BRIDGE_READS.items():
+        assert set(keys) <= run_config[section].keys()
+    assert run_config["model"]["tensor_model_parallel_size"] == 2  # the run's layout
+    # Our optimizer and RNG state are not in Bridge's layout: it must not try to restore them.
+    assert run_config["checkpoint"]["save_optim"] is False
+    assert run_config["checkpoint"]["save_rng"] is False
 
 
 def test_full_disk_in_dcp_save_is_one_error_naming_the_checkpoint(monkeypatch, tmp_path):
