@@ -4,7 +4,9 @@ Qwen3: ``convert import`` -> Bridge finetune from it (``checkpoint.pretrained_ch
 with Bridge's own forward step and with ``enable_eaft`` kind ``sft`` (equal losses, EAFT keys
 logged) -> ``convert export`` / ``verify`` of the checkpoint Bridge saved = the logits of
 Bridge's final model. Dense GLM-4 (which only our converter handles): ``convert import`` ->
-``examples/bridge/glm4_eaft_sft.py``'s config with EAFT -> ``convert export``.
+``examples/bridge/glm4_eaft_sft.py``'s config with EAFT -> ``convert export``. And a checkpoint
+``megatron-eaft finetune`` saved is a Bridge pretrained checkpoint: Bridge's model at learning
+rate 0 is our trained model.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from megatron_eaft.ops import EAFTConfig
 from tests.adapters import bridge_support
 from tests.convert import tiny_models
 from tests.glm4 import glm4_models
+from tests.train import helpers as train_helpers
 
 TP = 2
 SEQ = 32
@@ -172,6 +175,34 @@ def _qwen3_job(paths: dict[str, str], input_ids: torch.Tensor) -> dict:
     return results
 
 
+def _bridge_from_our_finetune_job(paths: dict[str, str], input_ids: torch.Tensor) -> dict:
+    """Bridge's Qwen3 recipe from the checkpoint our trainer saved, learning rate 0."""
+    bridge_support.import_bridge()
+    from megatron_eaft.megatron import cpu_runtime
+
+    cpu_runtime.apply_bridge_cpu_patches()
+    from megatron_eaft.megatron.bridge import enable_eaft, use_local_sft_data
+
+    cfg = _tiny_qwen3_recipe(paths["qwen3_hf"], paths["our_finetune"])
+    use_local_sft_data(cfg, paths["data"])
+    _cpu_run_settings(cfg, str(Path(paths["root"]) / "qwen3_from_ours"))
+    cfg.optimizer.lr = cfg.optimizer.min_lr = 0.0
+    return _finetune(cfg, enable_eaft(cfg, EAFTConfig(kind="eaft", topk=8)), input_ids)
+
+
+def _our_finetune(checkpoint: str, data: str, save: str) -> None:
+    from megatron_eaft.train.trainer import Trainer
+
+    config = train_helpers.finetune_config(
+        Path(checkpoint), Path(data), "train.iterations=2", f"checkpoint.save={save}"
+    )
+    trainer = Trainer(config)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+
+
 def _glm4_job(paths: dict[str, str], input_ids: torch.Tensor) -> dict:
     bridge_support.import_bridge()
     from megatron_eaft.megatron import cpu_runtime
@@ -286,3 +317,27 @@ def test_glm4_our_conversion_bridge_finetune_our_export(bridge_dist, tiny_run):
     )
     exported = json.loads((tiny_run["root"] / "glm4_export" / "config.json").read_text())
     assert exported["architectures"] == ["Glm4ForCausalLM"]
+
+
+@pytest.mark.slow
+def test_a_megatron_eaft_finetune_checkpoint_is_a_bridge_pretrained_checkpoint(
+    dist, bridge_dist, tiny_run, tmp_path
+):
+    vocab = read_model_metadata(tiny_run["qwen3_megatron"]).vocab_size
+    data = train_helpers.write_sft_dataset(tmp_path / "data", packing="pad", vocab_size=vocab)
+    ours = tmp_path / "ours"
+    dist.run(_our_finetune, TP, str(tiny_run["qwen3_megatron"]), str(data), str(ours))
+
+    input_ids = verify.sample_inputs(vocab, batch=2, seq_len=12, seed=9)
+    paths = {**_paths(tiny_run), "our_finetune": str(ours)}
+    result = bridge_dist.run(_bridge_from_our_finetune_job, TP, paths, input_ids, timeout=600)[0]
+    assert all(set(EAFT_KEYS) <= step.keys() for step in result["reports"])
+    # Learning rate 0: Bridge's final model is the one our trainer saved, whose export is
+    # what transformers computes.
+    export_megatron_checkpoint(ours, tmp_path / "ours_hf", progress=False, fsync=False)
+    expected = verify.hf_logits(tmp_path / "ours_hf", input_ids)
+    torch.testing.assert_close(
+        result["logits"][..., : expected.size(-1)], expected, rtol=0, atol=2e-5
+    )
+    original = verify.hf_logits(tiny_run["qwen3_hf"], input_ids)
+    assert (original - expected).abs().max() > 1e-3, "our two steps changed the model"

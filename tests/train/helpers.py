@@ -52,14 +52,14 @@ def converted_tiny_checkpoint(directory: Path, **overrides: Any) -> Path:
 
 
 def random_samples(
-    count: int, seed: int, min_length: int = 6, max_length: int = 40
+    count: int, seed: int, min_length: int = 6, max_length: int = 40, vocab_size: int = VOCAB
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(tokens, loss mask) per sample: a prompt without loss, then a response with loss."""
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(count):
         length = int(rng.integers(min_length, max_length + 1))
-        tokens = rng.integers(1, VOCAB, size=length).astype(np.uint16)
+        tokens = rng.integers(1, vocab_size, size=length).astype(np.uint16)
         prompt = int(rng.integers(1, length - 1))
         mask = np.zeros(length, dtype=np.uint8)
         mask[prompt:] = 1
@@ -74,6 +74,7 @@ def write_sft_dataset(
     samples: list[tuple[np.ndarray, np.ndarray]] | None = None,
     seq_length: int = SEQ_LENGTH,
     seed: int = 0,
+    vocab_size: int = VOCAB,
 ) -> Path:
     """A dataset in `prepare-data`'s layout, without a tokenizer."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -81,7 +82,7 @@ def write_sft_dataset(
     from megatron_eaft.data.layout import LOSS_MASK_PREFIX, TOKENS_PREFIX, write_metadata
     from megatron_eaft.data.packing import pack
 
-    samples = random_samples(48, seed) if samples is None else samples
+    samples = random_samples(48, seed, vocab_size=vocab_size) if samples is None else samples
     rows = pack([len(tokens) - 1 for tokens, _ in samples], seq_length, packing)
     path.mkdir(parents=True)
     builders = {
@@ -101,7 +102,12 @@ def write_sft_dataset(
         builder.finalize(str(path / f"{prefix}.idx"))
     write_metadata(
         path,
-        {"seq_length": seq_length, "pad_token_id": 0, "packing": packing, "vocab_size": VOCAB},
+        {
+            "seq_length": seq_length,
+            "pad_token_id": 0,
+            "packing": packing,
+            "vocab_size": vocab_size,
+        },
     )
     return path
 
