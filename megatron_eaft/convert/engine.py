@@ -46,6 +46,7 @@ from megatron_eaft.models.family import (
     EXPERT,
     LAYER,
     LAYERS_PREFIX,
+    MTP,
     PLAIN_LAYOUT,
     Dims,
     HFConfig,
@@ -128,6 +129,7 @@ class Unit:
     keys: tuple[str, ...]
     layer: int | None
     expert: int | None
+    mtp: int | None
     hf_names: tuple[str, ...]
     hf_shapes: tuple[Shape, ...]
     shapes: tuple[Shape, ...]  # each key's chunk shape without the stacked layer / expert axes
@@ -136,8 +138,9 @@ class Unit:
 
 
 # Linear modules Megatron gives an ``_extra_state`` (FP8 metadata) besides ``linear_*``:
-# Gated DeltaNet's projections.
-_OTHER_LINEAR_MODULES = ("in_proj", "out_proj")
+# Gated DeltaNet's projections, the MTP layers' input projection.
+_OTHER_LINEAR_MODULES = ("in_proj", "out_proj", "eh_proj")
+MTP_KEYS_PREFIX = "mtp."
 
 
 def _linear_module(key: str) -> str | None:
@@ -165,7 +168,9 @@ class ConversionPlan:
     def _rows(self, placement: str) -> list[Param]:
         if placement == "layers":
             return [p for p in self.params if p.per_layer]
-        rows = [p for p in self.params if not p.per_layer]
+        if placement == "mtp":
+            return [p for p in self.params if p.per_mtp]
+        rows = [p for p in self.params if not (p.per_layer or p.per_mtp)]
         embedding = [p for p in rows if p.key(self.transformer_impl).startswith("embedding.")]
         if placement == "first":
             return embedding
@@ -184,18 +189,38 @@ class ConversionPlan:
                 experts = range(self.dims.experts) if param.per_expert else [None]
                 for expert in experts:
                     yield self._unit(param, layer, expert)
+        for mtp in range(self.mtp_layers):
+            for param in self._rows("mtp"):
+                experts = range(self.dims.experts) if param.per_expert else [None]
+                for expert in experts:
+                    yield self._unit(param, None, expert, mtp)
         for param in self._rows("last"):
             yield self._unit(param, None, None)
 
-    def megatron_keys(self, param: Param, layer: int | None) -> tuple[str, ...]:
+    @property
+    def mtp_layers(self) -> int:
+        """Multi-token-prediction layers converted (their rows have ``{mtp}``)."""
+        return self.family.mtp_layers(self.hf)
+
+    def megatron_keys(
+        self, param: Param, layer: int | None, mtp: int | None = None
+    ) -> tuple[str, ...]:
         keys = param.keys(self.transformer_impl)
+        if mtp is not None:
+            # MTP layers are saved one key per layer, never stacked.
+            return tuple(k.replace(MTP, str(mtp)) for k in keys)
         if layer is None or not self.indexed_layers:
             return keys
         return tuple(f"{LAYERS_PREFIX}{layer}.{k[len(LAYERS_PREFIX) :]}" for k in keys)
 
-    def _unit(self, param: Param, layer: int | None, expert: int | None) -> Unit:
+    def _unit(
+        self, param: Param, layer: int | None, expert: int | None, mtp: int | None = None
+    ) -> Unit:
+        hf_mtp = str(mtp + self.family.mtp_hf_offset(self.hf)) if mtp is not None else MTP
         names = tuple(
-            self.layout.hf_name(n.replace(LAYER, str(layer)).replace(EXPERT, str(expert)))
+            self.layout.hf_name(
+                n.replace(LAYER, str(layer)).replace(EXPERT, str(expert)).replace(MTP, hf_mtp)
+            )
             for n in param.hf_names
         )
         hf_shapes = tuple(self.dims.resolve(s) for s in param.hf_shapes)
@@ -205,9 +230,10 @@ class ConversionPlan:
         leading = tuple(n for n, used in axes if used is not None)
         return Unit(
             param=param,
-            keys=self.megatron_keys(param, layer),
+            keys=self.megatron_keys(param, layer, mtp),
             layer=layer,
             expert=expert,
+            mtp=mtp,
             hf_names=names,
             hf_shapes=hf_shapes,
             shapes=shapes,
@@ -218,7 +244,10 @@ class ConversionPlan:
     def _probe_units(self, param: Param) -> Iterator[Unit]:
         """One unit per distinct Megatron key of the row (expert 0)."""
         expert = 0 if param.per_expert else None
-        if not param.per_layer:
+        if param.per_mtp:
+            for mtp in range(self.mtp_layers):
+                yield self._unit(param, None, expert, mtp)
+        elif not param.per_layer:
             yield self._unit(param, None, None)
         elif self.indexed_layers:
             for layer in self.layers_of(param):
@@ -244,7 +273,9 @@ class ConversionPlan:
         objects = []
         seen = set()
         for param in self.params:
-            if not param.per_layer:
+            # Layer modules; the embedding's and output layer's extra states are not saved.
+            in_mtp = param.key(self.transformer_impl).startswith(MTP_KEYS_PREFIX)
+            if not (param.per_layer or in_mtp):
                 continue
             for probe in self._probe_units(param):
                 for key in probe.keys:
@@ -256,7 +287,7 @@ class ConversionPlan:
                     experts = param.per_expert or param.packed_experts
                     grid = len(probe.prefix) + int(param.packed_experts)
                     shape = tuple(probe.global_shapes[0][:grid])
-                    if self.indexed_layers and not experts:
+                    if (self.indexed_layers or in_mtp) and not experts:
                         # Megatron keeps a layer axis of one, except on expert grids ([E]).
                         shape = (1, *shape)
                     for index in _grid(shape):

@@ -145,6 +145,7 @@ def build_gpt_model(
     return GPTModel(
         config=config,
         transformer_layer_spec=family.decoder_spec(config, transformer_impl, vp_stage),
+        mtp_block_spec=family.mtp_block_spec(config, transformer_impl, vp_stage),
         vocab_size=padded,
         pre_process=pre_process,
         post_process=post_process,
