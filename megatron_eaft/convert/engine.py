@@ -11,6 +11,7 @@ missing, unexpected and mis-shaped tensors are reported together, by name.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -47,6 +48,9 @@ from megatron_eaft.models.family import (
     LAYER,
     LAYERS_PREFIX,
     MTP,
+    MTP_ABSENT,
+    MTP_CONVERTED,
+    MTP_LAYOUT,
     PLAIN_LAYOUT,
     Dims,
     HFConfig,
@@ -66,6 +70,8 @@ from megatron_eaft.outputs import (
     human_bytes,
     write_text_atomically,
 )
+
+logger = logging.getLogger(__name__)
 
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # How HF configs spell dtypes ("torch_dtype" in transformers 4, "dtype" in 5).
@@ -200,7 +206,7 @@ class ConversionPlan:
     @property
     def mtp_layers(self) -> int:
         """Multi-token-prediction layers converted (their rows have ``{mtp}``)."""
-        return self.family.mtp_layers(self.hf)
+        return self.family.converted_mtp_layers(self.hf, self.variants)
 
     def megatron_keys(
         self, param: Param, layer: int | None, mtp: int | None = None
@@ -366,6 +372,8 @@ def variants_present(plan: ConversionPlan, names: Collection[str]) -> dict[str, 
     the plan's."""
     chosen = dict(plan.variants)
     for group, options in plan.family.variant_groups(plan.hf).items():
+        if group == MTP_LAYOUT:
+            continue
         found: dict[str, tuple[bool, int]] = {}
         for option in options:
             wanted = {
@@ -379,6 +387,11 @@ def variants_present(plan: ConversionPlan, names: Collection[str]) -> dict[str, 
         best = max(options, key=lambda o: found[o])  # ties keep the earlier (default) option
         if found[best][1] > 0:
             chosen[group] = best
+    if MTP_LAYOUT in chosen:
+        # Converted when the checkpoint has any MTP tensor (the rest are then reported missing).
+        with_mtp = plan.with_variants({**chosen, MTP_LAYOUT: MTP_CONVERTED})
+        mtp_names = {n for u in with_mtp.units() if u.param.in_mtp for n in u.hf_names}
+        chosen[MTP_LAYOUT] = MTP_CONVERTED if mtp_names & set(names) else MTP_ABSENT
     return chosen
 
 
@@ -514,6 +527,13 @@ def import_hf_checkpoint(
     out_dir = check_output_target(out_dir, **output)
     with SafetensorsReader(hf_dir) as reader:
         plan = plan.with_variants(variants_present(plan, reader.tensors))
+        if plan.variants.get(MTP_LAYOUT) == MTP_ABSENT:
+            logger.warning(
+                "%s declares %d multi-token-prediction layer(s) but holds none of their "
+                "tensors (transformers does not save them): converting without MTP",
+                config_path,
+                family.mtp_layers(plan.hf),
+            )
         check_hf_tensors(plan, reader)
         check_float_tensors(hf_dir, {n: reader.tensors[n].dtype for n in plan.expected_hf()})
         target_dtype = DTYPES[dtype] if dtype else _source_dtype(plan, reader)

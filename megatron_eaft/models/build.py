@@ -192,6 +192,7 @@ def build_model(
         tp=layout.tensor,
         pp=layout.pipeline,
         ep=layout.expert,
+        variants=metadata.hf_variants,
         context_parallel_size=layout.context,
         sequence_parallel=layout.sequence_parallel,
         use_cpu_initialization=not torch.cuda.is_available(),

@@ -562,6 +562,12 @@ MTP_PREFIX = "mtp.layers.{mtp}."
 # The MTP layer's inner decoder layer as megatron-core 0.19.2 saves it: the module is
 # ``mtp_model_layer``, its sharded keys keep the older name ``transformer_layer``.
 MTP_LAYER_PREFIX = MTP_PREFIX + "transformer_layer."
+# Whether a checkpoint holds the MTP layers its config declares (transformers' save_pretrained
+# drops them): a group of alternative HF layouts of its own, decided at import from the tensors
+# present, recorded in the metadata; "absent" converts, trains and exports without MTP.
+MTP_LAYOUT = "mtp"
+MTP_CONVERTED = "converted"
+MTP_ABSENT = "absent"
 
 
 def always(hf: HFConfig) -> bool:
@@ -656,6 +662,17 @@ class Param:
     @property
     def per_layer(self) -> bool:
         return LAYER in self.hf_names[0]
+
+    @property
+    def in_mtp(self) -> bool:
+        """A tensor of the MTP layers (Megatron keys ``mtp.``)."""
+        if isinstance(self.megatron, str):
+            keys: Sequence[str] = (self.megatron,)
+        elif isinstance(self.megatron, tuple):
+            keys = self.megatron
+        else:
+            keys = tuple(self.megatron.values())
+        return any(k.startswith("mtp.") for k in keys)
 
     @property
     def per_mtp(self) -> bool:
@@ -1061,6 +1078,8 @@ class ModelFamily:
                 group, option = param.variant
                 if option not in groups.get(group, ()):
                     groups[group] = (*groups.get(group, ()), option)
+        if self.mtp_layers(hf):
+            groups[MTP_LAYOUT] = (MTP_CONVERTED, MTP_ABSENT)
         return groups
 
     def resolve_variants(
@@ -1084,17 +1103,32 @@ class ModelFamily:
         elsewhere)."""
         hf = self.hf(hf_config)
         chosen = self.resolve_variants(hf, variants)
+        without_mtp = chosen.get(MTP_LAYOUT) == MTP_ABSENT
         return tuple(
             p
             for p in self.params
-            if p.when(hf) and (p.variant is None or chosen[p.variant[0]] == p.variant[1])
+            if p.when(hf)
+            and (p.variant is None or chosen[p.variant[0]] == p.variant[1])
+            and not (without_mtp and p.in_mtp)
         )
 
-    def transformer_config_kwargs(self, hf_config: Mapping[str, Any]) -> dict[str, Any]:
-        """The family's TransformerConfig arguments; validates the config on the way."""
+    def converted_mtp_layers(
+        self, hf_config: Mapping[str, Any], variants: Mapping[str, str] | None = None
+    ) -> int:
+        """The MTP layers the model has: the config's, unless the checkpoint held none."""
+        hf = self.hf(hf_config)
+        if (variants or {}).get(MTP_LAYOUT) == MTP_ABSENT:
+            return 0
+        return self.mtp_layers(hf)
+
+    def transformer_config_kwargs(
+        self, hf_config: Mapping[str, Any], variants: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """The family's TransformerConfig arguments; validates the config on the way.
+        ``variants``: the checkpoint's HF layouts (without its MTP layers: no MTP)."""
         hf = self.hf(hf_config)
         kwargs = self.config(hf)
-        mtp_layers = self.mtp_layers(hf)
+        mtp_layers = self.converted_mtp_layers(hf, variants)
         if mtp_layers:
             kwargs["mtp_num_layers"] = mtp_layers
         return kwargs
@@ -1111,11 +1145,12 @@ class ModelFamily:
         tp: int = 1,
         pp: int = 1,
         ep: int = 1,
+        variants: Mapping[str, str] | None = None,
         **overrides: Any,
     ) -> TransformerConfig:
         from megatron.core import transformer
 
-        kwargs = self.transformer_config_kwargs(hf_config)
+        kwargs = self.transformer_config_kwargs(hf_config, variants)
         if kwargs.get("experimental_attention_variant") == "gated_delta_net":
             from megatron_eaft.models.cpu_specs import gated_delta_net_runtime_settings
 
