@@ -47,6 +47,8 @@ CONFIG: dict[str, Any] = {
 # whatever rms_norm_eps says) moves the logits by more than the test's tolerance if it is lost.
 LATENT_DOWN_PROJECTIONS = ("q_a_proj.weight", "kv_a_proj_with_mqa.weight")
 LATENT_SCALE = 0.1
+
+
 def config(**changes: Any):
     import transformers
 
@@ -118,7 +120,8 @@ def save(model, directory: Path, seed: int = 0, copies: bool = True) -> Path:
     add_tensors(
         directory,
         {
-            k: v.detach().to(torch.float32 if "e_score_correction_bias" in k else dtype)
+            k: v.detach()
+            .to(torch.float32 if "e_score_correction_bias" in k else dtype)
             .clone()
             .contiguous()
             for k, v in tensors.items()
