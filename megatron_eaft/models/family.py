@@ -1073,8 +1073,8 @@ class ModelFamily:
         first, among the rows that apply to this config."""
         hf = self.hf(hf_config)
         groups: dict[str, tuple[str, ...]] = {}
-        for param in self.params:
-            if param.variant is not None and param.when(hf):
+        for param in self._rows_of_config(hf):
+            if param.variant is not None:
                 group, option = param.variant
                 if option not in groups.get(group, ()):
                     groups[group] = (*groups.get(group, ()), option)
@@ -1106,11 +1106,15 @@ class ModelFamily:
         without_mtp = chosen.get(MTP_LAYOUT) == MTP_ABSENT
         return tuple(
             p
-            for p in self.params
-            if p.when(hf)
-            and (p.variant is None or chosen[p.variant[0]] == p.variant[1])
+            for p in self._rows_of_config(hf)
+            if (p.variant is None or chosen[p.variant[0]] == p.variant[1])
             and not (without_mtp and p.in_mtp)
         )
+
+    def _rows_of_config(self, hf: HFConfig) -> Iterator[Param]:
+        """The rows that apply to the config (MTP rows only where it declares MTP layers)."""
+        has_mtp = self.mtp_layers(hf) > 0
+        return (p for p in self.params if p.when(hf) and (has_mtp or not p.in_mtp))
 
     def converted_mtp_layers(
         self, hf_config: Mapping[str, Any], variants: Mapping[str, str] | None = None

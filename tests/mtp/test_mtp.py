@@ -283,7 +283,11 @@ def test_finetune_trains_a_qwen3_5_with_its_mtp_layer(dist, checkpoints, tmp_pat
     records = dist.run(two_steps, 1, checkpoints[1]["qwen3_5"].megatron_dir, data)[0]
     assert len(records) == 2
     for record in records:
-        assert record["reports"]["eaft/mtp_weighted"][0] == 0.0  # eaft.mtp=plain
-        lm_total, lm_count = record["reports"]["lm loss"]
+        reports = record["reports"]
+        assert reports["eaft/mtp_weighted"][0] == 0.0  # eaft.mtp=plain
+        lm_total, lm_count = reports["lm loss"]
         assert lm_count > 0 and 0 < lm_total / lm_count < 20
+        # Megatron's MTP loss (plain: cross-entropy), a mean over the step's 2 micro-batches.
+        mtp_total, mtp_count = reports["mtp_1 loss"]
+        assert mtp_count == 2 and 0 < mtp_total / mtp_count < 20
         assert 0 < record["grad_norm"] < float("inf")
