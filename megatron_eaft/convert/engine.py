@@ -300,6 +300,15 @@ class ConversionPlan:
                         objects.append((f"{module}._extra_state", index, shape))
         return objects
 
+    def copies(self) -> dict[str, str]:
+        """HF tensors that duplicate a converted one (`ModelFamily.hf_copies`): name -> source."""
+        if not self.mtp_layers:
+            return {}
+        return {
+            self.layout.hf_name(copy): self.layout.hf_name(source)
+            for copy, source in self.family.hf_copies(self.hf).items()
+        }
+
     def with_variants(self, variants: Mapping[str, str]) -> ConversionPlan:
         """This plan reading / writing the given alternative HF layouts."""
         chosen = self.family.resolve_variants(self.hf, variants)
@@ -537,6 +546,7 @@ def import_hf_checkpoint(
         check_hf_tensors(plan, reader)
         check_float_tensors(hf_dir, {n: reader.tensors[n].dtype for n in plan.expected_hf()})
         target_dtype = DTYPES[dtype] if dtype else _source_dtype(plan, reader)
+        copies = exact_copies(plan, reader)
         total = sum(reader.tensors[n].nbytes for n in plan.expected_hf())
         tensors = 0
         with atomic_output_dir(out_dir, fsync=fsync, **output) as tmp:
@@ -579,19 +589,47 @@ def import_hf_checkpoint(
                 transformer_impl=transformer_impl,
                 source=str(hf_dir.absolute()),
                 hf_variants=dict(plan.variants),
+                hf_copies=tuple(copies),
             ).write(tmp)
             copy_side_files(hf_dir, tmp / HF_FILES_DIR)
-            carried = carry_tensors(plan, reader, tmp / HF_FILES_DIR / CARRIED_TENSORS_DIR, fsync)
+            carried = carry_tensors(
+                plan, reader, tmp / HF_FILES_DIR / CARRIED_TENSORS_DIR, fsync, set(copies)
+            )
     return ConversionSummary(
         "import", tensors + carried, total, time.perf_counter() - start, out_dir
     )
 
 
+def exact_copies(plan: ConversionPlan, reader: SafetensorsReader) -> list[str]:
+    """The copies (`ConversionPlan.copies`) the checkpoint holds equal to their source; the
+    others present are carried as they are."""
+    exact = []
+    for copy, source in plan.copies().items():
+        if copy not in reader.tensors:
+            continue
+        if torch.equal(reader.read(copy), reader.read(source)):
+            exact.append(copy)
+        else:
+            logger.warning(
+                "%s differs from %s, which it copies in the model Megatron builds: carried "
+                "byte-identical, export writes it back unchanged (not fine-tuned)",
+                copy,
+                source,
+            )
+        reader.forget_sources()
+    return exact
+
+
 def carry_tensors(
-    plan: ConversionPlan, reader: SafetensorsReader, directory: Path, fsync: bool
+    plan: ConversionPlan,
+    reader: SafetensorsReader,
+    directory: Path,
+    fsync: bool,
+    skip: Collection[str] = (),
 ) -> int:
-    """Store the HF tensors the family carries along (vision tower, MTP) byte-identical."""
-    names = [n for n in reader.tensors if plan.layout.is_carried(n)]
+    """Store the HF tensors the family carries along (vision tower, copies that differ from
+    what they copy) byte-identical; ``skip``: exact copies, which export rewrites."""
+    names = [n for n in reader.tensors if plan.layout.is_carried(n) and n not in skip]
     if not names:
         return 0
     # In file order, so the copy streams through each source file once.
@@ -688,6 +726,11 @@ def export_megatron_checkpoint(
         for unit in plan.units()
         for name, shape in zip(unit.hf_names, unit.hf_shapes, strict=True)
     ]
+    # Exact copies of converted tensors (GLM's MTP embedding / head) come from those tensors.
+    sources = {source: unit for unit in plan.units() for source in unit.hf_names}
+    copies = {copy: plan.copies()[copy] for copy in metadata.hf_copies}
+    by_name = {t.name: t for t in planned}
+    planned += [replace(by_name[source], name=copy) for copy, source in copies.items()]
     # Tensors carried along at import go back unchanged (their own dtype, whatever --dtype).
     carried_dir = root / HF_FILES_DIR / CARRIED_TENSORS_DIR
     carried = SafetensorsReader(carried_dir) if carried_dir.is_dir() else None
@@ -699,23 +742,18 @@ def export_megatron_checkpoint(
         try:
             with _progress(total, "export", progress) as bar:
                 for unit in plan.units():
-                    regions = [
-                        reader.read(
-                            key,
-                            (*unit.prefix, *([0] * len(shape))),
-                            (*([1] * len(unit.prefix)), *shape),
-                        ).reshape(shape)
-                        for key, shape in zip(unit.keys, unit.shapes, strict=True)
-                    ]
-                    if unit.param.dtype is not None or target_dtype is not None:
-                        regions = [r.to(unit.param.dtype or target_dtype) for r in regions]
-                    hf_tensors = unit.param.transform.to_hf_from_outputs(
-                        regions, unit.hf_shapes, plan.dims
-                    )
+                    hf_tensors = _exported_hf_tensors(plan, reader, unit, target_dtype)
                     for name, tensor in zip(unit.hf_names, hf_tensors, strict=True):
                         writer.write(name, tensor)
                         bar.update(tensor.numel() * tensor.element_size())
-                    del regions, hf_tensors
+                    del hf_tensors
+                for copy, source in copies.items():
+                    unit = sources[source]
+                    hf_tensors = _exported_hf_tensors(plan, reader, unit, target_dtype)
+                    tensor = hf_tensors[unit.hf_names.index(source)]
+                    writer.write(copy, tensor)
+                    bar.update(tensor.numel() * tensor.element_size())
+                    del hf_tensors
                 for name in carried.tensors if carried is not None else ():
                     tensor = carried.read(name)
                     writer.write(name, tensor)
@@ -731,6 +769,23 @@ def export_megatron_checkpoint(
         if side.is_dir():
             copy_side_files(side, tmp)
     return ConversionSummary("export", len(planned), total, time.perf_counter() - start, out_dir)
+
+
+def _exported_hf_tensors(
+    plan: ConversionPlan, reader: TorchDistReader, unit: Unit, target_dtype: torch.dtype | None
+) -> list[torch.Tensor]:
+    """The HF tensors of one unit, read from the Megatron checkpoint."""
+    regions = [
+        reader.read(
+            key,
+            (*unit.prefix, *([0] * len(shape))),
+            (*([1] * len(unit.prefix)), *shape),
+        ).reshape(shape)
+        for key, shape in zip(unit.keys, unit.shapes, strict=True)
+    ]
+    if unit.param.dtype is not None or target_dtype is not None:
+        regions = [r.to(unit.param.dtype or target_dtype) for r in regions]
+    return unit.param.transform.to_hf_from_outputs(regions, unit.hf_shapes, plan.dims)
 
 
 def _write_hf_config(path: Path, hf_config: dict[str, Any], dtype: torch.dtype | None) -> None:

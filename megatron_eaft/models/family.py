@@ -1007,6 +1007,10 @@ class ModelFamily:
         after the decoder's (``model.layers.{num_hidden_layers}.``).
     mtp_layer_spec_fn: (TransformerConfig, transformer_impl) -> the layer spec of the MTP
         layer's inner decoder layer; required when ``mtp_layers`` can be positive.
+    hf_copies: HF config -> {HF name: HF name of the tensor it duplicates}, for tensors HF
+        stores twice and Megatron once (GLM's MTP layers hold copies of the embedding and
+        output layer). Import checks a copy equals its source (else carries it as it is);
+        export writes it from the exported source, so it follows fine-tuning.
     """
 
     name: str
@@ -1025,6 +1029,7 @@ class ModelFamily:
     mtp_layers: Callable[[HFConfig], int] = field(default=lambda hf: 0)
     mtp_hf_offset: Callable[[HFConfig], int] = field(default=lambda hf: 0)
     mtp_layer_spec_fn: Callable[[Any, str], Any] | None = None
+    hf_copies: Callable[[HFConfig], Mapping[str, str]] = field(default=lambda hf: {})
 
     def _architecture_layout(self, raw: Mapping[str, Any]) -> HFLayout:
         for architecture in raw.get("architectures") or ():

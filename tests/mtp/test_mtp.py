@@ -291,3 +291,34 @@ def test_finetune_trains_a_qwen3_5_with_its_mtp_layer(dist, checkpoints, tmp_pat
         mtp_total, mtp_count = reports["mtp_1 loss"]
         assert mtp_count == 2 and 0 < mtp_total / mtp_count < 20
         assert 0 < record["grad_norm"] < float("inf")
+
+
+def test_glm_copies_of_embedding_and_head_are_written_from_the_converted_tensors(
+    checkpoints, tmp_path
+):
+    from megatron_eaft.models import ModelMetadata
+
+    made = checkpoints[1]["glm4_moe_lite"]
+    copies = ("model.layers.3.embed_tokens.weight", "model.layers.3.shared_head.head.weight")
+    assert ModelMetadata.read(made.megatron_dir).hf_copies == copies
+    carried = made.megatron_dir / "hf" / "carried_tensors"
+    assert not carried.exists() or not set(copies) & set(_tensors(carried))
+    export_megatron_checkpoint(made.megatron_dir, tmp_path / "out", progress=False, fsync=False)
+    exported = _tensors(tmp_path / "out")
+    assert torch.equal(exported[copies[0]], exported["model.embed_tokens.weight"])
+    assert torch.equal(exported[copies[1]], exported["lm_head.weight"])
+
+
+def test_a_glm_copy_that_differs_is_carried_as_it_is(tmp_path, caplog):
+    from tests.mtp.reference import add_tensors
+
+    model = glm.random_model(glm.config(), seed=1)
+    hf_dir = glm.save(model, tmp_path / "hf", seed=2)
+    changed = "model.layers.3.shared_head.head.weight"
+    add_tensors(hf_dir, {changed: model.lm_head.weight.detach() + 1.0})
+    import_hf_checkpoint(hf_dir, tmp_path / "megatron", progress=False, fsync=False)
+    assert f"{changed} differs from lm_head.weight" in caplog.text
+    export_megatron_checkpoint(tmp_path / "megatron", tmp_path / "out", progress=False, fsync=False)
+    original, exported = _tensors(hf_dir), _tensors(tmp_path / "out")
+    assert sorted(exported) == sorted(original)
+    assert all(torch.equal(exported[k], t) for k, t in original.items())

@@ -30,8 +30,9 @@ The multi-token-prediction (MTP) layers (``num_nextn_predict_layers``, stored as
 layers: ``enorm`` / ``hnorm`` / ``eh_proj`` (input [embedding; hidden]) / ``shared_head.norm``
 (``final_layernorm``) and an MLA + MoE decoder layer stored as the decoder's. Where the layer
 also holds copies of the embedding and output layer (``embed_tokens``, ``shared_head.head``, as
-DeepSeek-style checkpoints do), they are carried through byte-identical: Megatron's MTP layers
-use the model's own embedding and output layer.
+DeepSeek-style checkpoints do): Megatron's MTP layers use the model's own embedding and output
+layer, so import checks the copies equal them and export writes them from the exported (so
+fine-tuned) tensors; copies that differ are carried byte-identical instead, with a warning.
 """
 
 from __future__ import annotations
@@ -231,11 +232,21 @@ def mtp_hf_offset(hf: HFConfig) -> int:
 MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
 
 
-def mtp_copies(hf: HFConfig) -> tuple[str, ...]:
+def mtp_copy_sources(hf: HFConfig) -> dict[str, str]:
+    """Each MTP layer's copy of the embedding and of the output layer, and what it copies."""
     first = mtp_hf_offset(hf)
-    return tuple(
-        f"model.layers.{first + i}.{name}" for i in range(mtp_layers(hf)) for name in MTP_COPIES
-    )
+    head = "model.embed_tokens.weight" if hf.get("tie_word_embeddings") else "lm_head.weight"
+    sources = dict(zip(MTP_COPIES, ("model.embed_tokens.weight", head), strict=True))
+    return {
+        f"model.layers.{first + i}.{name}": source
+        for i in range(mtp_layers(hf))
+        for name, source in sources.items()
+    }
+
+
+def mtp_copies(hf: HFConfig) -> tuple[str, ...]:
+    """Carried when present (written back as they were) unless they equal their source."""
+    return tuple(mtp_copy_sources(hf))
 
 
 def glm4_moe_lite_block_spec(config: Any, transformer_impl: str, vp_stage: int | None) -> Any:
@@ -370,6 +381,7 @@ FAMILY = ModelFamily(
     hf_config_class="Glm4MoeLiteConfig",
     megatron_config_class="MLATransformerConfig",
     carried_hf=mtp_copies,
+    hf_copies=mtp_copy_sources,
     mtp_layers=mtp_layers,
     mtp_hf_offset=mtp_hf_offset,
     mtp_layer_spec_fn=glm4_moe_lite_mtp_layer_spec,
