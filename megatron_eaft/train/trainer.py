@@ -442,8 +442,9 @@ class Trainer:
         taken from its tracker, which is then cleared for the next step."""
         from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
+        # The tracker is process-wide: another model's (zeroed) entries may be in it.
         tracker = MTPLossLoggingHelper.tracker
-        if "loss_values" not in tracker:
+        if not getattr(self.model.config, "mtp_num_layers", None) or "loss_values" not in tracker:
             return {}
         MTPLossLoggingHelper.reduce_metrics_in_tracker()
         values = tracker["loss_values"].tolist()
