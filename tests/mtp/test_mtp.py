@@ -1,7 +1,8 @@
 """Multi-token prediction (MTP) converted both ways, for Qwen3.5 (dense and MoE) and GLM-4.7-Flash,
 and its losses under ``eaft.mtp``.
 
-Megatron's MTP logits of the converted checkpoint against a reference MTP forward built from
+The family tables (MTP keys included) against GPTModel.sharded_state_dict(); Megatron's MTP
+logits of the converted checkpoint against a reference MTP forward built from
 transformers' own modules loaded with the HF MTP weights (tests/mtp/reference.py), fp32 within
 1e-4, the main logits unchanged; HF -> Megatron -> HF bit-exact with the MTP tensors converted
 (GLM's copies of the embedding and output layer carried, tested in tests/glm4_moe_lite); the
@@ -24,6 +25,7 @@ from megatron_eaft.convert.engine import (
     import_hf_checkpoint,
     plan_conversion,
 )
+from megatron_eaft.convert.torch_dist import sharded_object_key
 from megatron_eaft.models.families import family_for_hf_config
 from tests.glm4_moe_lite import glm4_moe_lite_models as glm
 from tests.qwen3_5 import qwen3_5_models as q35
@@ -108,7 +110,18 @@ def megatron_mtp_logits(megatron_dir: str, input_ids: torch.Tensor):
 
 
 def _all_mtp_logits(megatron_dirs: list[str], input_ids: torch.Tensor):
-    return [megatron_mtp_logits(d, input_ids) for d in megatron_dirs]
+    """Per checkpoint: (main logits, MTP logits), and the keys GPTModel.sharded_state_dict()
+    gives (tensors with global shapes, objects)."""
+    from megatron_eaft.models import ModelMetadata
+    from tests.convert.test_families import rank_sharded_layout
+
+    return [
+        (
+            megatron_mtp_logits(d, input_ids),
+            rank_sharded_layout(dict(ModelMetadata.read(d).hf_config), 1),
+        )
+        for d in megatron_dirs
+    ]
 
 
 def test_mtp_logits_match_the_reference_forward(dist, checkpoints):
@@ -116,7 +129,11 @@ def test_mtp_logits_match_the_reference_forward(dist, checkpoints):
     names = sorted(made)
     dirs = [str(made[n].megatron_dir) for n in names]
     results = dist.run(_all_mtp_logits, 1, dirs, input_ids)[0]
-    for name, (main, mtp) in zip(names, results, strict=True):
+    for name, ((main, mtp), (tensors, objects)) in zip(names, results, strict=True):
+        config = _json(made[name].hf_dir / "config.json")
+        plan = plan_conversion(family_for_hf_config(config), config)
+        assert plan.global_shapes() == tensors, name  # MTP keys included
+        assert {sharded_object_key(*o) for o in plan.extra_state_objects()} == set(objects), name
         # The last position's next token is past the sequence: no label, not compared.
         reference = made[name].mtp_logits[:, :-1]
         comparison = verify.compare_logits(reference, mtp[:, :-1])
