@@ -11,6 +11,7 @@ missing, unexpected and mis-shaped tensors are reported together, by name.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -46,6 +47,10 @@ from megatron_eaft.models.family import (
     EXPERT,
     LAYER,
     LAYERS_PREFIX,
+    MTP,
+    MTP_ABSENT,
+    MTP_CONVERTED,
+    MTP_LAYOUT,
     PLAIN_LAYOUT,
     Dims,
     HFConfig,
@@ -65,6 +70,8 @@ from megatron_eaft.outputs import (
     human_bytes,
     write_text_atomically,
 )
+
+logger = logging.getLogger(__name__)
 
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # How HF configs spell dtypes ("torch_dtype" in transformers 4, "dtype" in 5).
@@ -128,6 +135,7 @@ class Unit:
     keys: tuple[str, ...]
     layer: int | None
     expert: int | None
+    mtp: int | None
     hf_names: tuple[str, ...]
     hf_shapes: tuple[Shape, ...]
     shapes: tuple[Shape, ...]  # each key's chunk shape without the stacked layer / expert axes
@@ -136,8 +144,9 @@ class Unit:
 
 
 # Linear modules Megatron gives an ``_extra_state`` (FP8 metadata) besides ``linear_*``:
-# Gated DeltaNet's projections.
-_OTHER_LINEAR_MODULES = ("in_proj", "out_proj")
+# Gated DeltaNet's projections, the MTP layers' input projection.
+_OTHER_LINEAR_MODULES = ("in_proj", "out_proj", "eh_proj")
+MTP_KEYS_PREFIX = "mtp."
 
 
 def _linear_module(key: str) -> str | None:
@@ -165,7 +174,9 @@ class ConversionPlan:
     def _rows(self, placement: str) -> list[Param]:
         if placement == "layers":
             return [p for p in self.params if p.per_layer]
-        rows = [p for p in self.params if not p.per_layer]
+        if placement == "mtp":
+            return [p for p in self.params if p.per_mtp]
+        rows = [p for p in self.params if not (p.per_layer or p.per_mtp)]
         embedding = [p for p in rows if p.key(self.transformer_impl).startswith("embedding.")]
         if placement == "first":
             return embedding
@@ -184,18 +195,38 @@ class ConversionPlan:
                 experts = range(self.dims.experts) if param.per_expert else [None]
                 for expert in experts:
                     yield self._unit(param, layer, expert)
+        for mtp in range(self.mtp_layers):
+            for param in self._rows("mtp"):
+                experts = range(self.dims.experts) if param.per_expert else [None]
+                for expert in experts:
+                    yield self._unit(param, None, expert, mtp)
         for param in self._rows("last"):
             yield self._unit(param, None, None)
 
-    def megatron_keys(self, param: Param, layer: int | None) -> tuple[str, ...]:
+    @property
+    def mtp_layers(self) -> int:
+        """Multi-token-prediction layers converted (their rows have ``{mtp}``)."""
+        return self.family.converted_mtp_layers(self.hf, self.variants)
+
+    def megatron_keys(
+        self, param: Param, layer: int | None, mtp: int | None = None
+    ) -> tuple[str, ...]:
         keys = param.keys(self.transformer_impl)
+        if mtp is not None:
+            # MTP layers are saved one key per layer, never stacked.
+            return tuple(k.replace(MTP, str(mtp)) for k in keys)
         if layer is None or not self.indexed_layers:
             return keys
         return tuple(f"{LAYERS_PREFIX}{layer}.{k[len(LAYERS_PREFIX) :]}" for k in keys)
 
-    def _unit(self, param: Param, layer: int | None, expert: int | None) -> Unit:
+    def _unit(
+        self, param: Param, layer: int | None, expert: int | None, mtp: int | None = None
+    ) -> Unit:
+        hf_mtp = str(mtp + self.family.mtp_hf_offset(self.hf)) if mtp is not None else MTP
         names = tuple(
-            self.layout.hf_name(n.replace(LAYER, str(layer)).replace(EXPERT, str(expert)))
+            self.layout.hf_name(
+                n.replace(LAYER, str(layer)).replace(EXPERT, str(expert)).replace(MTP, hf_mtp)
+            )
             for n in param.hf_names
         )
         hf_shapes = tuple(self.dims.resolve(s) for s in param.hf_shapes)
@@ -205,9 +236,10 @@ class ConversionPlan:
         leading = tuple(n for n, used in axes if used is not None)
         return Unit(
             param=param,
-            keys=self.megatron_keys(param, layer),
+            keys=self.megatron_keys(param, layer, mtp),
             layer=layer,
             expert=expert,
+            mtp=mtp,
             hf_names=names,
             hf_shapes=hf_shapes,
             shapes=shapes,
@@ -218,7 +250,10 @@ class ConversionPlan:
     def _probe_units(self, param: Param) -> Iterator[Unit]:
         """One unit per distinct Megatron key of the row (expert 0)."""
         expert = 0 if param.per_expert else None
-        if not param.per_layer:
+        if param.per_mtp:
+            for mtp in range(self.mtp_layers):
+                yield self._unit(param, None, expert, mtp)
+        elif not param.per_layer:
             yield self._unit(param, None, None)
         elif self.indexed_layers:
             for layer in self.layers_of(param):
@@ -244,7 +279,9 @@ class ConversionPlan:
         objects = []
         seen = set()
         for param in self.params:
-            if not param.per_layer:
+            # Layer modules; the embedding's and output layer's extra states are not saved.
+            in_mtp = param.key(self.transformer_impl).startswith(MTP_KEYS_PREFIX)
+            if not (param.per_layer or in_mtp):
                 continue
             for probe in self._probe_units(param):
                 for key in probe.keys:
@@ -256,12 +293,21 @@ class ConversionPlan:
                     experts = param.per_expert or param.packed_experts
                     grid = len(probe.prefix) + int(param.packed_experts)
                     shape = tuple(probe.global_shapes[0][:grid])
-                    if self.indexed_layers and not experts:
+                    if (self.indexed_layers or in_mtp) and not experts:
                         # Megatron keeps a layer axis of one, except on expert grids ([E]).
                         shape = (1, *shape)
                     for index in _grid(shape):
                         objects.append((f"{module}._extra_state", index, shape))
         return objects
+
+    def copies(self) -> dict[str, str]:
+        """HF tensors that duplicate a converted one (`ModelFamily.hf_copies`): name -> source."""
+        if not self.mtp_layers:
+            return {}
+        return {
+            self.layout.hf_name(copy): self.layout.hf_name(source)
+            for copy, source in self.family.hf_copies(self.hf).items()
+        }
 
     def with_variants(self, variants: Mapping[str, str]) -> ConversionPlan:
         """This plan reading / writing the given alternative HF layouts."""
@@ -335,6 +381,8 @@ def variants_present(plan: ConversionPlan, names: Collection[str]) -> dict[str, 
     the plan's."""
     chosen = dict(plan.variants)
     for group, options in plan.family.variant_groups(plan.hf).items():
+        if group == MTP_LAYOUT:
+            continue
         found: dict[str, tuple[bool, int]] = {}
         for option in options:
             wanted = {
@@ -348,6 +396,11 @@ def variants_present(plan: ConversionPlan, names: Collection[str]) -> dict[str, 
         best = max(options, key=lambda o: found[o])  # ties keep the earlier (default) option
         if found[best][1] > 0:
             chosen[group] = best
+    if MTP_LAYOUT in chosen:
+        # Converted when the checkpoint has any MTP tensor (the rest are then reported missing).
+        with_mtp = plan.with_variants({**chosen, MTP_LAYOUT: MTP_CONVERTED})
+        mtp_names = {n for u in with_mtp.units() if u.param.in_mtp for n in u.hf_names}
+        chosen[MTP_LAYOUT] = MTP_CONVERTED if mtp_names & set(names) else MTP_ABSENT
     return chosen
 
 
@@ -483,9 +536,17 @@ def import_hf_checkpoint(
     out_dir = check_output_target(out_dir, **output)
     with SafetensorsReader(hf_dir) as reader:
         plan = plan.with_variants(variants_present(plan, reader.tensors))
+        if plan.variants.get(MTP_LAYOUT) == MTP_ABSENT:
+            logger.warning(
+                "%s declares %d multi-token-prediction layer(s) but holds none of their "
+                "tensors (transformers does not save them): converting without MTP",
+                config_path,
+                family.mtp_layers(plan.hf),
+            )
         check_hf_tensors(plan, reader)
         check_float_tensors(hf_dir, {n: reader.tensors[n].dtype for n in plan.expected_hf()})
         target_dtype = DTYPES[dtype] if dtype else _source_dtype(plan, reader)
+        copies = exact_copies(plan, reader)
         total = sum(reader.tensors[n].nbytes for n in plan.expected_hf())
         tensors = 0
         with atomic_output_dir(out_dir, fsync=fsync, **output) as tmp:
@@ -528,19 +589,47 @@ def import_hf_checkpoint(
                 transformer_impl=transformer_impl,
                 source=str(hf_dir.absolute()),
                 hf_variants=dict(plan.variants),
+                hf_copies=tuple(copies),
             ).write(tmp)
             copy_side_files(hf_dir, tmp / HF_FILES_DIR)
-            carried = carry_tensors(plan, reader, tmp / HF_FILES_DIR / CARRIED_TENSORS_DIR, fsync)
+            carried = carry_tensors(
+                plan, reader, tmp / HF_FILES_DIR / CARRIED_TENSORS_DIR, fsync, set(copies)
+            )
     return ConversionSummary(
         "import", tensors + carried, total, time.perf_counter() - start, out_dir
     )
 
 
+def exact_copies(plan: ConversionPlan, reader: SafetensorsReader) -> list[str]:
+    """The copies (`ConversionPlan.copies`) the checkpoint holds equal to their source; the
+    others present are carried as they are."""
+    exact = []
+    for copy, source in plan.copies().items():
+        if copy not in reader.tensors:
+            continue
+        if torch.equal(reader.read(copy), reader.read(source)):
+            exact.append(copy)
+        else:
+            logger.warning(
+                "%s differs from %s, which it copies in the model Megatron builds: carried "
+                "byte-identical, export writes it back unchanged (not fine-tuned)",
+                copy,
+                source,
+            )
+        reader.forget_sources()
+    return exact
+
+
 def carry_tensors(
-    plan: ConversionPlan, reader: SafetensorsReader, directory: Path, fsync: bool
+    plan: ConversionPlan,
+    reader: SafetensorsReader,
+    directory: Path,
+    fsync: bool,
+    skip: Collection[str] = (),
 ) -> int:
-    """Store the HF tensors the family carries along (vision tower, MTP) byte-identical."""
-    names = [n for n in reader.tensors if plan.layout.is_carried(n)]
+    """Store the HF tensors the family carries along (vision tower, copies that differ from
+    what they copy) byte-identical; ``skip``: exact copies, which export rewrites."""
+    names = [n for n in reader.tensors if plan.layout.is_carried(n) and n not in skip]
     if not names:
         return 0
     # In file order, so the copy streams through each source file once.
@@ -637,6 +726,11 @@ def export_megatron_checkpoint(
         for unit in plan.units()
         for name, shape in zip(unit.hf_names, unit.hf_shapes, strict=True)
     ]
+    # Exact copies of converted tensors (GLM's MTP embedding / head) come from those tensors.
+    sources = {source: unit for unit in plan.units() for source in unit.hf_names}
+    copies = {copy: plan.copies()[copy] for copy in metadata.hf_copies}
+    by_name = {t.name: t for t in planned}
+    planned += [replace(by_name[source], name=copy) for copy, source in copies.items()]
     # Tensors carried along at import go back unchanged (their own dtype, whatever --dtype).
     carried_dir = root / HF_FILES_DIR / CARRIED_TENSORS_DIR
     carried = SafetensorsReader(carried_dir) if carried_dir.is_dir() else None
@@ -648,23 +742,18 @@ def export_megatron_checkpoint(
         try:
             with _progress(total, "export", progress) as bar:
                 for unit in plan.units():
-                    regions = [
-                        reader.read(
-                            key,
-                            (*unit.prefix, *([0] * len(shape))),
-                            (*([1] * len(unit.prefix)), *shape),
-                        ).reshape(shape)
-                        for key, shape in zip(unit.keys, unit.shapes, strict=True)
-                    ]
-                    if unit.param.dtype is not None or target_dtype is not None:
-                        regions = [r.to(unit.param.dtype or target_dtype) for r in regions]
-                    hf_tensors = unit.param.transform.to_hf_from_outputs(
-                        regions, unit.hf_shapes, plan.dims
-                    )
+                    hf_tensors = _exported_hf_tensors(plan, reader, unit, target_dtype)
                     for name, tensor in zip(unit.hf_names, hf_tensors, strict=True):
                         writer.write(name, tensor)
                         bar.update(tensor.numel() * tensor.element_size())
-                    del regions, hf_tensors
+                    del hf_tensors
+                for copy, source in copies.items():
+                    unit = sources[source]
+                    hf_tensors = _exported_hf_tensors(plan, reader, unit, target_dtype)
+                    tensor = hf_tensors[unit.hf_names.index(source)]
+                    writer.write(copy, tensor)
+                    bar.update(tensor.numel() * tensor.element_size())
+                    del hf_tensors
                 for name in carried.tensors if carried is not None else ():
                     tensor = carried.read(name)
                     writer.write(name, tensor)
@@ -680,6 +769,23 @@ def export_megatron_checkpoint(
         if side.is_dir():
             copy_side_files(side, tmp)
     return ConversionSummary("export", len(planned), total, time.perf_counter() - start, out_dir)
+
+
+def _exported_hf_tensors(
+    plan: ConversionPlan, reader: TorchDistReader, unit: Unit, target_dtype: torch.dtype | None
+) -> list[torch.Tensor]:
+    """The HF tensors of one unit, read from the Megatron checkpoint."""
+    regions = [
+        reader.read(
+            key,
+            (*unit.prefix, *([0] * len(shape))),
+            (*([1] * len(unit.prefix)), *shape),
+        ).reshape(shape)
+        for key, shape in zip(unit.keys, unit.shapes, strict=True)
+    ]
+    if unit.param.dtype is not None or target_dtype is not None:
+        regions = [r.to(unit.param.dtype or target_dtype) for r in regions]
+    return unit.param.transform.to_hf_from_outputs(regions, unit.hf_shapes, plan.dims)
 
 
 def _write_hf_config(path: Path, hf_config: dict[str, Any], dtype: torch.dtype | None) -> None:

@@ -20,6 +20,16 @@ The processor gathers the hidden states over TP as ColumnParallelLinear does and
 :func:`megatron_eaft.ops.fused_output_weighted_cross_entropy`. Multi-token-prediction heads run
 before it inside ``process_mtp_loss`` and keep the unfused seam (Megatron derives their
 acceptance counts from their logits).
+
+Multi-token prediction (MTP): ``process_mtp_loss`` (inside ``_postprocess``, before the main
+head) calls the same ``compute_language_model_loss`` once per MTP layer, with labels it rolled
+from a clone of the forward's labels. The seam tells them apart by identity: during
+``_postprocess`` (shadowed on the instance for models with MTP layers) the main call is the one
+given the forward's own ``labels`` object, every other call is an MTP head. ``eaft.mtp`` says
+what the MTP heads get: ``weighted`` (the configured weighting from each head's own logits) or
+``plain`` (Megatron's cross-entropy). The main loss tensor then carries the mode, reported as
+``eaft/mtp_weighted`` (1 or 0). Megatron logs each head's loss itself (``mtp_1 loss``, ...:
+the weighted loss in ``weighted`` mode, the cross-entropy in ``plain``).
 """
 
 from __future__ import annotations
@@ -47,7 +57,10 @@ REPORT_KEYS = (
     "eaft/mean_weight",
     "eaft/mean_entropy",
     "eaft/confident_conflict_frac",
+    "eaft/mtp_weighted",
 )
+# Set on the model during ``_postprocess``: the forward's labels, those of the main head.
+_MAIN_LABELS = "_eaft_main_labels"
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -78,6 +91,7 @@ class EAFTLossHandle:
             return
         self.model.__dict__.pop("compute_language_model_loss", None)
         self.model.__dict__.pop("_postprocess", None)
+        self.model.__dict__.pop(_MAIN_LABELS, None)
         del self.model._eaft_handle
 
 
@@ -97,8 +111,9 @@ def install_eaft_loss(model: torch.nn.Module, config: EAFTConfig) -> EAFTLossHan
     if previous is not None:
         previous.remove()
     handle = EAFTLossHandle(core, config)
-    if config.fused_output:
-        _install_fused_output(core, config)
+    mtp_layers = getattr(getattr(core, "config", None), "mtp_num_layers", None) or 0
+    if config.fused_output or mtp_layers:
+        _install_postprocess(core, config, mtp_layers)
     core._eaft_handle = handle
     if config.kind == "sft" and not config.diagnostics:
         return handle
@@ -106,7 +121,15 @@ def install_eaft_loss(model: torch.nn.Module, config: EAFTConfig) -> EAFTLossHan
     tp_group = _tp_group(core)
     megatron_loss = core.compute_language_model_loss  # the class's method, bound
 
+    def plain_mtp_call(labels: torch.Tensor) -> bool:
+        # Outside _postprocess (no marker) every call is the main head's.
+        if config.mtp != "plain" or _MAIN_LABELS not in core.__dict__:
+            return False
+        return labels is not core.__dict__[_MAIN_LABELS]
+
     def sft_with_diagnostics(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if plain_mtp_call(labels):
+            return megatron_loss(labels, logits)
         # Megatron's own loss, bit for bit (fused or not); entropy is read first because
         # Megatron's cross-entropy overwrites fp32 logits in place.
         with torch.no_grad():
@@ -118,6 +141,8 @@ def install_eaft_loss(model: torch.nn.Module, config: EAFTConfig) -> EAFTLossHan
         return loss
 
     def compute_language_model_loss(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if plain_mtp_call(labels):
+            return megatron_loss(labels, logits)
         # Megatron's layout: labels [b, s], logits [s, b, V/TP]; the loss comes back [b, s].
         out = vocab_parallel_weighted_cross_entropy(
             logits, labels.transpose(0, 1).contiguous(), config, tp_group
@@ -133,34 +158,48 @@ def install_eaft_loss(model: torch.nn.Module, config: EAFTConfig) -> EAFTLossHan
     return handle
 
 
-def _install_fused_output(core: torch.nn.Module, config: EAFTConfig) -> None:
-    """Shadow ``_postprocess`` so that it hands the main head to the fused processor."""
+def _install_postprocess(core: torch.nn.Module, config: EAFTConfig, mtp_layers: int) -> None:
+    """Shadow ``_postprocess``: it marks the main head's labels (models with MTP layers) and,
+    with ``fused_output``, hands the main head to the fused processor."""
     postprocess = getattr(core, "_postprocess", None)
     signature = None if postprocess is None else inspect.signature(postprocess)
-    if signature is None or "output_processor" not in signature.parameters:
+    needed = ("labels", "output_processor") if config.fused_output else ("labels",)
+    if signature is None or not all(p in signature.parameters for p in needed):
+        what = "eaft fused_output" if config.fused_output else "eaft with MTP layers"
         raise TypeError(
-            f"eaft fused_output needs a Megatron-Core GPTModel whose _postprocess takes "
-            f"output_processor (Megatron-Core >= 0.19); {type(core).__name__} has none"
+            f"{what} needs a Megatron-Core GPTModel whose _postprocess takes "
+            f"{' and '.join(needed)} (Megatron-Core >= 0.19); {type(core).__name__} has none"
         )
-    model_config = getattr(core, "config", None)
-    if getattr(model_config, "use_mup", False):
-        raise ValueError("eaft fused_output does not apply MuP's output scaling: turn one off")
-    if getattr(core, "post_process", False):
-        _check_fused_output_layer(core.output_layer, model_config)
-    processor = partial(fused_output_processor, eaft_config=config, tp_group=_tp_group(core))
+    processor = None
+    if config.fused_output:
+        model_config = getattr(core, "config", None)
+        if getattr(model_config, "use_mup", False):
+            raise ValueError("eaft fused_output does not apply MuP's output scaling: turn one off")
+        if getattr(core, "post_process", False):
+            _check_fused_output_layer(core.output_layer, model_config)
+        processor = partial(fused_output_processor, eaft_config=config, tp_group=_tp_group(core))
 
     def _postprocess(*args: Any, **kwargs: Any) -> Any:
         from megatron.core.inference.utils import InferenceMode
 
         bound = signature.bind(*args, **kwargs)
         arguments = bound.arguments
+        labels = arguments.get("labels")
         if (
-            arguments.get("output_processor") is None
-            and arguments.get("labels") is not None
+            processor is not None
+            and arguments.get("output_processor") is None
+            and labels is not None
             and not InferenceMode.is_active()
         ):
             arguments["output_processor"] = processor
-        return postprocess(*bound.args, **bound.kwargs)
+        core.__dict__[_MAIN_LABELS] = labels
+        try:
+            output = postprocess(*bound.args, **bound.kwargs)
+        finally:
+            core.__dict__.pop(_MAIN_LABELS, None)
+        if mtp_layers and labels is not None and torch.is_tensor(output):
+            output.eaft_mtp = config.mtp  # the main loss: its report names the MTP mode
+        return output
 
     core._postprocess = _postprocess
 
@@ -306,6 +345,10 @@ def eaft_loss_func(
             report["eaft/confident_conflict_frac"] = _pair(
                 (conflicts.float() * mask).sum(), num_tokens
             )
+    mtp_mode = getattr(output_tensor, "eaft_mtp", None)
+    if mtp_mode is not None:
+        weighted = float(mtp_mode == "weighted")
+        report["eaft/mtp_weighted"] = _pair(num_tokens.float() * weighted, num_tokens)
     if check_for_nan:
         _validate_loss(loss_sum)
     return loss_sum, num_tokens, report

@@ -38,7 +38,7 @@ from megatron_eaft.megatron.loss import (
     unwrap_model,
     uses_local_attention,
 )
-from megatron_eaft.ops.config import ENTROPY_MODES, KINDS, NORMS, EAFTConfig
+from megatron_eaft.ops.config import ENTROPY_MODES, KINDS, MTP_MODES, NORMS, EAFTConfig
 
 # Keys of the batch dict pretrain_gpt.py's get_batch hands around (alphabetical, as Megatron's).
 BATCH_KEYS = (
@@ -186,6 +186,15 @@ EAFT_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
         "--eaft-fused-chunk-memory-mib",
         "fused_chunk_memory_mib",
         {"type": _int_at_least(1), "help": "Memory budget of one fused chunk's logits (MiB)."},
+    ),
+    (
+        "--eaft-mtp",
+        "mtp",
+        {
+            "choices": MTP_MODES,
+            "help": "Loss of the multi-token-prediction heads: weighted (like the main head, "
+            "from each head's own logits) or plain (cross-entropy).",
+        },
     ),
 )
 FLAG_FIELDS: dict[str, str] = {flag: field for flag, field, _ in EAFT_FLAGS}

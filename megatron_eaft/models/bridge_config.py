@@ -290,7 +290,10 @@ def check_provider_matches(model: Mapping[str, Any], metadata: ModelMetadata, wh
     family = metadata.model_family
     hf = family.hf(metadata.hf_config)
     try:
-        expected = {**family.transformer_config_kwargs(hf), **family.gpt_model_kwargs(hf)}
+        expected = {
+            **family.transformer_config_kwargs(hf, metadata.hf_variants),
+            **family.gpt_model_kwargs(hf),
+        }
     except UnsupportedConfigError as exc:
         raise MegatronCheckpointError(f"{where}: {exc}") from None
     differing = [

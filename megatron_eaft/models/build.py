@@ -145,6 +145,7 @@ def build_gpt_model(
     return GPTModel(
         config=config,
         transformer_layer_spec=family.decoder_spec(config, transformer_impl, vp_stage),
+        mtp_block_spec=family.mtp_block_spec(config, transformer_impl, vp_stage),
         vocab_size=padded,
         pre_process=pre_process,
         post_process=post_process,
@@ -191,6 +192,7 @@ def build_model(
         tp=layout.tensor,
         pp=layout.pipeline,
         ep=layout.expert,
+        variants=metadata.hf_variants,
         context_parallel_size=layout.context,
         sequence_parallel=layout.sequence_parallel,
         use_cpu_initialization=not torch.cuda.is_available(),

@@ -434,3 +434,34 @@ def mla_decoder_block_spec(
         layer_specs=[specs[bool(m)] for m in pattern[offset : offset + count]],
         layer_norm=final_norm,
     )
+
+
+# -- Multi-token prediction ---------------------------------------------------------------------
+
+
+def mtp_block_spec(
+    config: Any, layer_spec: Any, transformer_impl: str, vp_stage: int | None = None
+) -> Any:
+    """Megatron's MTP block spec around ``layer_spec`` (the MTP layer's inner decoder layer),
+    with Transformer Engine's modules or the local provider's (its CPU RMSNorm for ``enorm``,
+    ``hnorm`` and ``final_layernorm``); None on a pipeline stage that builds no MTP layer."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec_for_backend
+
+    if transformer_impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        backend = TESpecProvider()
+    else:
+        backend = _local_backend_provider()
+    return get_gpt_mtp_block_spec_for_backend(config, layer_spec, backend, vp_stage=vp_stage)
+
+
+def attention_layer_spec(block: Any) -> Any:
+    """The first standard-attention layer spec of a hybrid decoder block (Qwen3.5's MTP layer
+    is a full-attention layer of its decoder's kind)."""
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNet
+
+    for layer in block.layer_specs:
+        if not issubclass(layer.submodules.self_attention.module, GatedDeltaNet):
+            return layer
+    raise ValueError("this pipeline stage's decoder block has no full-attention layer")

@@ -555,6 +555,19 @@ ZERO_CENTERED_NORM = NormOffset(-1.0)
 LAYER = "{layer}"
 EXPERT = "{expert}"
 LAYERS_PREFIX = "decoder.layers."
+# Multi-token prediction (MTP) layers: ``{mtp}`` is the MTP layer's index (0-based in Megatron
+# keys; in HF names offset by the family's ``mtp_hf_offset``, GLM numbers them after the decoder).
+MTP = "{mtp}"
+MTP_PREFIX = "mtp.layers.{mtp}."
+# The MTP layer's inner decoder layer as megatron-core 0.19.2 saves it: the module is
+# ``mtp_model_layer``, its sharded keys keep the older name ``transformer_layer``.
+MTP_LAYER_PREFIX = MTP_PREFIX + "transformer_layer."
+# Whether a checkpoint holds the MTP layers its config declares (transformers' save_pretrained
+# drops them): a group of alternative HF layouts of its own, decided at import from the tensors
+# present, recorded in the metadata; "absent" converts, trains and exports without MTP.
+MTP_LAYOUT = "mtp"
+MTP_CONVERTED = "converted"
+MTP_ABSENT = "absent"
 
 
 def always(hf: HFConfig) -> bool:
@@ -613,13 +626,20 @@ class Param:
             keys = list(self.megatron)
         else:
             keys = list(self.megatron.values())
+        if self.per_layer and self.per_mtp:
+            raise ValueError(f"{self.megatron}: a row is per decoder layer or per MTP layer")
         for key in keys:
+            if self.per_mtp != key.startswith(MTP_PREFIX):
+                raise ValueError(
+                    f"{key}: MTP rows (HF names with {MTP}) must have keys under "
+                    f"{MTP_PREFIX!r} and only they"
+                )
             if self.per_layer != key.startswith(LAYERS_PREFIX):
                 raise ValueError(
                     f"{key}: per-layer rows (HF names with {LAYER}) must have keys under "
                     f"{LAYERS_PREFIX!r} and only they"
                 )
-        if (self.per_expert or self.packed_experts) and not self.per_layer:
+        if (self.per_expert or self.packed_experts) and not (self.per_layer or self.per_mtp):
             raise ValueError(f"{self.megatron}: an expert row must also be per layer")
         if self.per_expert and self.packed_experts:
             raise ValueError(
@@ -642,6 +662,22 @@ class Param:
     @property
     def per_layer(self) -> bool:
         return LAYER in self.hf_names[0]
+
+    @property
+    def in_mtp(self) -> bool:
+        """A tensor of the MTP layers (Megatron keys ``mtp.``)."""
+        if isinstance(self.megatron, str):
+            keys: Sequence[str] = (self.megatron,)
+        elif isinstance(self.megatron, tuple):
+            keys = self.megatron
+        else:
+            keys = tuple(self.megatron.values())
+        return any(k.startswith("mtp.") for k in keys)
+
+    @property
+    def per_mtp(self) -> bool:
+        """A row of each MTP layer (HF names with ``{mtp}``)."""
+        return MTP in self.hf_names[0]
 
     @property
     def per_expert(self) -> bool:
@@ -741,6 +777,75 @@ def routed_expert_rows(
         ),
     )
     return packed + per_expert if default == PACKED else per_expert + packed
+
+
+def _mtp_key(key: str) -> str:
+    if not key.startswith(LAYERS_PREFIX):
+        raise ValueError(f"{key}: only decoder-layer rows become MTP-layer rows")
+    return MTP_LAYER_PREFIX + key[len(LAYERS_PREFIX) :]
+
+
+def mtp_layer_rows(
+    decoder_rows: Sequence[Param], hf_decoder_prefix: str, hf_mtp_prefix: str
+) -> tuple[Param, ...]:
+    """The rows of a decoder layer, as the rows of each MTP layer's inner decoder layer.
+
+    Keys move from ``decoder.layers.`` to ``mtp.layers.{mtp}.transformer_layer.``, HF names
+    from ``hf_decoder_prefix`` (``model.layers.{layer}.``) to ``hf_mtp_prefix``
+    (``mtp.layers.{mtp}.``), with the same shapes and transforms. Layer selection is dropped
+    (pass the rows of the layer kind the MTP layer is); alternative HF layouts become groups of
+    their own (``mtp_experts``): a checkpoint may store its MTP experts unlike its decoder's.
+    """
+    rows = []
+    for row in decoder_rows:
+        if isinstance(row.megatron, str):
+            megatron: str | Mapping[str, str] | tuple[str, ...] = _mtp_key(row.megatron)
+        elif isinstance(row.megatron, tuple):
+            megatron = tuple(_mtp_key(k) for k in row.megatron)
+        else:
+            megatron = {impl: _mtp_key(k) for impl, k in row.megatron.items()}
+        names = []
+        for name in row.hf_names:
+            if not name.startswith(hf_decoder_prefix):
+                raise ValueError(f"{name}: not under the decoder prefix {hf_decoder_prefix!r}")
+            names.append(hf_mtp_prefix + name[len(hf_decoder_prefix) :])
+        variant = (f"mtp_{row.variant[0]}", row.variant[1]) if row.variant else None
+        rows.append(
+            replace(
+                row,
+                megatron=megatron,
+                hf=tuple(names) if len(names) > 1 else names[0],
+                layers=every_layer,
+                variant=variant,
+            )
+        )
+    return tuple(rows)
+
+
+def mtp_head_rows(
+    hf_mtp_prefix: str,
+    names: Mapping[str, str],
+    *,
+    megatron_prefix: str = MTP_PREFIX,
+    when: Callable[[HFConfig], bool] = always,
+) -> tuple[Param, ...]:
+    """Each MTP layer's own tensors: the embedding and hidden-state norms (``enorm`` /
+    ``hnorm``), the projection of their concatenation [embedding; hidden] (``eh_proj``,
+    [hidden, 2 * hidden]) and the norm before the shared output layer (``final_layernorm``).
+    ``names`` maps those four Megatron names to the HF names under ``hf_mtp_prefix``. The
+    norms are copies: Megatron builds them like the decoder's (zero-centred where the
+    decoder's are), as HF does. ``megatron_prefix``: ``mtp.layers.0.`` (with ``when``) for a
+    layout whose single MTP layer's names have no index (Qwen3.5's ``mtp.fc``)."""
+    shapes = {"eh_proj": ("hidden", "2*hidden")}
+    return tuple(
+        Param(
+            f"{megatron_prefix}{megatron}.weight",
+            hf_mtp_prefix + names[megatron],
+            shapes.get(megatron, ("hidden",)),
+            when=when,
+        )
+        for megatron in ("enorm", "hnorm", "eh_proj", "final_layernorm")
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -893,7 +998,19 @@ class ModelFamily:
     megatron_config_class: the ``megatron.core.transformer`` config class to build
         (``TransformerConfig``; ``MLATransformerConfig`` for multi-latent attention).
     carried_hf: HF config -> further prefixes of tensors carried through byte-identical, for
-        those the config places (MTP layers numbered after the decoder's).
+        those the config places (GLM's copies of the embedding and output layer in its MTP
+        layers).
+    mtp_layers: HF config -> how many multi-token-prediction layers it has (Megatron's
+        ``mtp_num_layers``); the rows with ``{mtp}`` are repeated for each.
+    mtp_hf_offset: HF config -> the HF index of MTP layer 0 (``{mtp}`` in HF names): 0 where
+        HF keeps them apart (``mtp.layers.0.``), ``num_hidden_layers`` where it numbers them
+        after the decoder's (``model.layers.{num_hidden_layers}.``).
+    mtp_layer_spec_fn: (TransformerConfig, transformer_impl) -> the layer spec of the MTP
+        layer's inner decoder layer; required when ``mtp_layers`` can be positive.
+    hf_copies: HF config -> {HF name: HF name of the tensor it duplicates}, for tensors HF
+        stores twice and Megatron once (GLM's MTP layers hold copies of the embedding and
+        output layer). Import checks a copy equals its source (else carries it as it is);
+        export writes it from the exported source, so it follows fine-tuning.
     """
 
     name: str
@@ -909,6 +1026,10 @@ class ModelFamily:
     layouts: Mapping[str, HFLayout] = field(default_factory=dict)
     megatron_config_class: str = "TransformerConfig"
     carried_hf: Callable[[HFConfig], tuple[str, ...]] = field(default=lambda hf: ())
+    mtp_layers: Callable[[HFConfig], int] = field(default=lambda hf: 0)
+    mtp_hf_offset: Callable[[HFConfig], int] = field(default=lambda hf: 0)
+    mtp_layer_spec_fn: Callable[[Any, str], Any] | None = None
+    hf_copies: Callable[[HFConfig], Mapping[str, str]] = field(default=lambda hf: {})
 
     def _architecture_layout(self, raw: Mapping[str, Any]) -> HFLayout:
         for architecture in raw.get("architectures") or ():
@@ -957,11 +1078,13 @@ class ModelFamily:
         first, among the rows that apply to this config."""
         hf = self.hf(hf_config)
         groups: dict[str, tuple[str, ...]] = {}
-        for param in self.params:
-            if param.variant is not None and param.when(hf):
+        for param in self._rows_of_config(hf):
+            if param.variant is not None:
                 group, option = param.variant
                 if option not in groups.get(group, ()):
                     groups[group] = (*groups.get(group, ()), option)
+        if self.mtp_layers(hf):
+            groups[MTP_LAYOUT] = (MTP_CONVERTED, MTP_ABSENT)
         return groups
 
     def resolve_variants(
@@ -985,15 +1108,39 @@ class ModelFamily:
         elsewhere)."""
         hf = self.hf(hf_config)
         chosen = self.resolve_variants(hf, variants)
+        without_mtp = chosen.get(MTP_LAYOUT) == MTP_ABSENT
         return tuple(
             p
-            for p in self.params
-            if p.when(hf) and (p.variant is None or chosen[p.variant[0]] == p.variant[1])
+            for p in self._rows_of_config(hf)
+            if (p.variant is None or chosen[p.variant[0]] == p.variant[1])
+            and not (without_mtp and p.in_mtp)
         )
 
-    def transformer_config_kwargs(self, hf_config: Mapping[str, Any]) -> dict[str, Any]:
-        """The family's TransformerConfig arguments; validates the config on the way."""
-        return self.config(self.hf(hf_config))
+    def _rows_of_config(self, hf: HFConfig) -> Iterator[Param]:
+        """The rows that apply to the config (MTP rows only where it declares MTP layers)."""
+        has_mtp = self.mtp_layers(hf) > 0
+        return (p for p in self.params if p.when(hf) and (has_mtp or not p.in_mtp))
+
+    def converted_mtp_layers(
+        self, hf_config: Mapping[str, Any], variants: Mapping[str, str] | None = None
+    ) -> int:
+        """The MTP layers the model has: the config's, unless the checkpoint held none."""
+        hf = self.hf(hf_config)
+        if (variants or {}).get(MTP_LAYOUT) == MTP_ABSENT:
+            return 0
+        return self.mtp_layers(hf)
+
+    def transformer_config_kwargs(
+        self, hf_config: Mapping[str, Any], variants: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """The family's TransformerConfig arguments; validates the config on the way.
+        ``variants``: the checkpoint's HF layouts (without its MTP layers: no MTP)."""
+        hf = self.hf(hf_config)
+        kwargs = self.config(hf)
+        mtp_layers = self.converted_mtp_layers(hf, variants)
+        if mtp_layers:
+            kwargs["mtp_num_layers"] = mtp_layers
+        return kwargs
 
     def indexed_layer_keys(self, hf_config: Mapping[str, Any]) -> bool:
         """Whether the checkpoint has per-layer keys (``decoder.layers.{i}.``), not stacked."""
@@ -1007,11 +1154,12 @@ class ModelFamily:
         tp: int = 1,
         pp: int = 1,
         ep: int = 1,
+        variants: Mapping[str, str] | None = None,
         **overrides: Any,
     ) -> TransformerConfig:
         from megatron.core import transformer
 
-        kwargs = self.transformer_config_kwargs(hf_config)
+        kwargs = self.transformer_config_kwargs(hf_config, variants)
         if kwargs.get("experimental_attention_variant") == "gated_delta_net":
             from megatron_eaft.models.cpu_specs import gated_delta_net_runtime_settings
 
@@ -1044,6 +1192,24 @@ class ModelFamily:
         if self.block_spec_fn is not None:
             return self.block_spec_fn(config, transformer_impl, vp_stage)
         return self.layer_spec_fn(config, transformer_impl)
+
+    def mtp_block_spec(
+        self,
+        config: TransformerConfig,
+        transformer_impl: str = "local",
+        vp_stage: int | None = None,
+    ) -> Any:
+        """What ``GPTModel(mtp_block_spec=...)`` takes: None without MTP layers or on a stage
+        that builds none (Megatron puts them all on the last pipeline stage)."""
+        check_transformer_impl(transformer_impl)
+        if not getattr(config, "mtp_num_layers", None):
+            return None
+        if self.mtp_layer_spec_fn is None:
+            raise UnsupportedConfigError(f"{self.name}: MTP layers are not supported")
+        from megatron_eaft.models.cpu_specs import mtp_block_spec
+
+        layer = self.mtp_layer_spec_fn(config, transformer_impl)
+        return mtp_block_spec(config, layer, transformer_impl, vp_stage)
 
 
 def swiglu_rmsnorm_decoder_config(

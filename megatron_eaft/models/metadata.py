@@ -62,6 +62,9 @@ class ModelMetadata:
     # Which of the family's alternative HF tensor layouts the source used (`Param.variant`,
     # e.g. {"experts": "per_expert"}); export writes the same. Absent: the family's defaults.
     hf_variants: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # HF tensors the source held as exact copies of another (`ModelFamily.hf_copies`): not
+    # stored, export writes them from the tensor they copy.
+    hf_copies: tuple[str, ...] = ()
 
     @classmethod
     def for_hf_config(
@@ -123,6 +126,7 @@ class ModelMetadata:
             **dataclasses.asdict(self),
             "hf_config": dict(self.hf_config),
             "hf_variants": dict(self.hf_variants),
+            "hf_copies": list(self.hf_copies),
         }
 
     def write(self, root: str | os.PathLike) -> Path:
@@ -181,8 +185,14 @@ class ModelMetadata:
             raise MegatronCheckpointError(
                 f"{where}: hf_variants must be a JSON object of strings, got {variants!r}"
             )
+        copies = raw.get("hf_copies", [])
+        if not isinstance(copies, list) or not all(isinstance(n, str) for n in copies):
+            raise MegatronCheckpointError(
+                f"{where}: hf_copies must be a JSON list of tensor names, got {copies!r}"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         fields = {k: v for k, v in raw.items() if k in known}
+        fields["hf_copies"] = tuple(copies)
         try:
             fields["padded_vocab_size"] = int(fields["padded_vocab_size"])
             fields["make_vocab_size_divisible_by"] = int(

@@ -9,10 +9,12 @@ from typing import Any, Literal
 Kind = Literal["sft", "dft", "eaft", "sigmoid", "masked"]
 EntropyMode = Literal["topk", "exact"]
 Norm = Literal["lnk", "paper", "lnv"]
+MTPMode = Literal["weighted", "plain"]
 
 KINDS: tuple[str, ...] = ("sft", "dft", "eaft", "sigmoid", "masked")
 ENTROPY_MODES: tuple[str, ...] = ("topk", "exact")
 NORMS: tuple[str, ...] = ("lnk", "paper", "lnv")
+MTP_MODES: tuple[str, ...] = ("weighted", "plain")
 # The EAFT authors' code divides the top-20 entropy by 3.0 rather than ln 20 = 2.9957.
 PAPER_NORMALISER = 3.0
 
@@ -42,6 +44,9 @@ class EAFTConfig:
         fused_chunk_memory_mib.
     fused_chunk_memory_mib: working memory of one chunk's logits (MiB) when the chunk size is
         derived.
+    mtp: the loss of multi-token-prediction heads (models with MTP layers): weighted (each
+        head's cross-entropy weighted like the main head's, from that head's own logits) or
+        plain (Megatron's cross-entropy; the main head keeps its weighting).
     """
 
     kind: Kind = "eaft"
@@ -61,9 +66,11 @@ class EAFTConfig:
     fused_output: bool = False
     fused_chunk_tokens: int = 0
     fused_chunk_memory_mib: int = 1024
+    mtp: MTPMode = "weighted"
 
     def __post_init__(self) -> None:
         _require(self.kind in KINDS, "kind", self.kind, f"one of {', '.join(KINDS)}")
+        _require(self.mtp in MTP_MODES, "mtp", self.mtp, f"one of {', '.join(MTP_MODES)}")
         _require(
             self.entropy in ENTROPY_MODES,
             "entropy",

@@ -436,6 +436,22 @@ class Trainer:
             for key, row in zip(keys, stacked.tolist(), strict=True)
         }
 
+    def _mtp_reports(self) -> dict[str, tuple[float, float]]:
+        """Megatron's own MTP losses of the step (``mtp_1 loss``, ...: each head's per-token
+        loss as ``eaft.mtp`` makes it, averaged over micro-batches and data-parallel ranks),
+        taken from its tracker, which is then cleared for the next step."""
+        from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+        # The tracker is process-wide: another model's (zeroed) entries may be in it.
+        tracker = MTPLossLoggingHelper.tracker
+        if not getattr(self.model.config, "mtp_num_layers", None) or "loss_values" not in tracker:
+            return {}
+        MTPLossLoggingHelper.reduce_metrics_in_tracker()
+        values = tracker["loss_values"].tolist()
+        MTPLossLoggingHelper.clean_metrics_in_tracker()
+        count = float(self.num_microbatches)
+        return {f"mtp_{layer} loss": (v, count) for layer, v in enumerate(values, start=1)}
+
     def train_step(self, microbatches: Iterable[dict[str, Any]], seq_length: int) -> StepRecord:
         """One optimizer step over this rank's micro-batches of a global batch."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -461,7 +477,7 @@ class Trainer:
         update_successful, grad_norm, _ = self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step(increment=1)
-        reduced = self._reduce_reports(reports)
+        reduced = {**self._reduce_reports(reports), **self._mtp_reports()}
         seconds = time.perf_counter() - started
         self.iteration += 1
         return StepRecord(

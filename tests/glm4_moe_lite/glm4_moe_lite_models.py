@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 VOCAB = 200
 CONFIG: dict[str, Any] = {
@@ -48,13 +47,6 @@ CONFIG: dict[str, Any] = {
 # whatever rms_norm_eps says) moves the logits by more than the test's tolerance if it is lost.
 LATENT_DOWN_PROJECTIONS = ("q_a_proj.weight", "kv_a_proj_with_mqa.weight")
 LATENT_SCALE = 0.1
-# What a published checkpoint's MTP layer holds beside a decoder layer (a few of them).
-MTP_TENSORS = {
-    "eh_proj.weight": (64, 128),
-    "enorm.weight": (64,),
-    "hnorm.weight": (64,),
-    "shared_head.norm.weight": (64,),
-}
 
 
 def config(**changes: Any):
@@ -84,14 +76,57 @@ def random_model(hf_config, seed: int = 0):
     return model
 
 
-def save(model, directory: Path, seed: int = 0) -> Path:
-    """save_pretrained, plus MTP tensors (which transformers does not build) in their own file."""
+def mtp_head(hf_config, seed: int = 0):
+    """A random MTP layer for ``hf_config`` as transformers modules (tests/mtp/reference.py):
+    a one-layer model whose layer is an MoE layer, as the MTP layer is."""
+    import transformers
+    from transformers.models.glm4_moe_lite.modeling_glm4_moe_lite import Glm4MoeLiteRMSNorm
+
+    from tests.mtp.reference import build_head
+
+    layer_config = config(
+        num_hidden_layers=1,
+        mlp_layer_types=["sparse"],
+        first_k_dense_replace=0,
+        num_nextn_predict_layers=0,
+    )
+    model_class = transformers.Glm4MoeLiteForCausalLM
+    hidden, eps = hf_config.hidden_size, hf_config.rms_norm_eps
+    return build_head(model_class, layer_config, Glm4MoeLiteRMSNorm, hidden, eps, seed)
+
+
+def save(model, directory: Path, seed: int = 0, copies: bool = True) -> Path:
+    """save_pretrained, plus an MTP layer (which transformers does not build) under the
+    published names ``model.layers.{num_hidden_layers}.*``; ``copies``: with the copies of
+    the embedding and output layer DeepSeek-style checkpoints keep there."""
+    from tests.mtp.reference import add_tensors, layer_tensors
+
     model.save_pretrained(directory)
-    layer = f"model.layers.{model.config.num_hidden_layers}."
-    generator = torch.Generator().manual_seed(seed)
-    mtp = {layer + n: torch.randn(s, generator=generator) for n, s in MTP_TENSORS.items()}
-    (single,) = directory.glob("*.safetensors")
-    save_file({**load_file(single), **mtp}, single, metadata={"format": "pt"})
+    prefix = f"model.layers.{model.config.num_hidden_layers}."
+    head = mtp_head(model.config, seed)
+    tensors = layer_tensors(head, directory.parent / f"{directory.name}-mtp-layer", prefix)
+    tensors.update(
+        {
+            prefix + "eh_proj.weight": head.eh_proj.weight,
+            prefix + "enorm.weight": head.enorm.weight,
+            prefix + "hnorm.weight": head.hnorm.weight,
+            prefix + "shared_head.norm.weight": head.layer_model.model.norm.weight,
+        }
+    )
+    if copies:
+        tensors[prefix + "embed_tokens.weight"] = model.model.embed_tokens.weight
+        tensors[prefix + "shared_head.head.weight"] = model.lm_head.weight
+    dtype = model.model.embed_tokens.weight.dtype
+    add_tensors(
+        directory,
+        {
+            k: v.detach()
+            .to(torch.float32 if "e_score_correction_bias" in k else dtype)
+            .clone()
+            .contiguous()
+            for k, v in tensors.items()
+        },
+    )
     return directory
 
 

@@ -2,7 +2,8 @@
 conversion engine and Megatron-Core.
 
 HF -> torch_dist -> logits at TP1 / EP2 / TP2 against transformers (fp32), the family table
-against the GPTModel Megatron builds, HF -> Megatron -> HF bit-exact (MTP tensors carried).
+against the GPTModel Megatron builds (its MTP layer included), HF -> Megatron -> HF bit-exact
+(the MTP layer converted, its copies of the embedding and output layer carried).
 The distributed work is two pool jobs (one rank, then two ranks).
 """
 
@@ -76,7 +77,7 @@ def _tensors(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def test_export_is_bit_exact_with_the_mtp_layer_carried(checkpoint, tmp_path):
+def test_export_is_bit_exact_with_the_mtp_layer(checkpoint, tmp_path):
     hf_dir, megatron_dir, _, _ = checkpoint
     out = tmp_path / "exported"
     export_megatron_checkpoint(megatron_dir, out, progress=False, fsync=False)
@@ -128,8 +129,10 @@ def test_config_maps_mla_routing_and_the_dense_first_layer():
     # One checkpoint for both specs (the latent norms under TE's fused-norm keys).
     te = plan_conversion(family, config, transformer_impl="transformer_engine")
     assert plan.global_shapes() == te.global_shapes()
-    assert plan.layout.is_carried("model.layers.3.eh_proj.weight")
-    assert not plan.layout.is_carried("model.layers.2.mlp.gate.weight")
+    assert plan.mtp_layers == 1
+    assert "mtp.layers.0.eh_proj.weight" in plan.global_shapes()
+    assert plan.layout.is_carried("model.layers.3.shared_head.head.weight")
+    assert not plan.layout.is_carried("model.layers.3.eh_proj.weight")
 
 
 @pytest.mark.parametrize(

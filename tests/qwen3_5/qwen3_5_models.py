@@ -95,3 +95,36 @@ def save(model, directory: Path) -> Path:
 def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=input_ids).logits.float()
+
+
+def mtp_head(config, seed: int = 0):
+    """A random MTP layer for ``config`` (``mtp_num_hidden_layers`` 1) as transformers modules
+    (see tests/mtp/reference.py): a one-layer full-attention model of the same class."""
+    import transformers
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm
+
+    from tests.mtp.reference import build_head
+
+    changes = {"num_hidden_layers": 1, "layer_types": ["full_attention"]}
+    layer_config = type(config)(**{**config.to_dict(), **changes, "mtp_num_hidden_layers": 0})
+    model_class = getattr(transformers, config.architectures[0])
+    hidden, eps = config.hidden_size, config.rms_norm_eps
+    return build_head(model_class, layer_config, Qwen3_5RMSNorm, hidden, eps, seed)
+
+
+def save_with_mtp(model, head, directory: Path) -> Path:
+    """save_pretrained, plus the MTP layer's tensors under the published names (``mtp.*``)."""
+    from tests.mtp.reference import add_tensors, layer_tensors
+
+    model.save_pretrained(directory)
+    tensors = layer_tensors(head, directory.parent / f"{directory.name}-mtp-layer", "mtp.layers.0.")
+    tensors.update(
+        {
+            "mtp.fc.weight": head.eh_proj.weight,
+            "mtp.pre_fc_norm_embedding.weight": head.enorm.weight,
+            "mtp.pre_fc_norm_hidden.weight": head.hnorm.weight,
+            "mtp.norm.weight": head.layer_model.model.norm.weight,
+        }
+    )
+    add_tensors(directory, {k: v.detach().clone().contiguous() for k, v in tensors.items()})
+    return directory

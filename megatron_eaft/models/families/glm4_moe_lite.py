@@ -25,8 +25,14 @@ What matters for identical logits:
   * dense layers where ``mlp_layer_types`` says ``dense`` (transformers' reading; the
     published ``first_k_dense_replace`` must agree): ``moe_layer_freq`` as a list, hence
     per-layer checkpoint keys.
-The MTP layers (``num_nextn_predict_layers``, stored as ``model.layers.{num_hidden_layers + i}``,
-which transformers does not build) are carried through byte-identical, not converted.
+The multi-token-prediction (MTP) layers (``num_nextn_predict_layers``, stored as
+``model.layers.{num_hidden_layers + i}``, which transformers does not build) are Megatron's MTP
+layers: ``enorm`` / ``hnorm`` / ``eh_proj`` (input [embedding; hidden]) / ``shared_head.norm``
+(``final_layernorm``) and an MLA + MoE decoder layer stored as the decoder's. Where the layer
+also holds copies of the embedding and output layer (``embed_tokens``, ``shared_head.head``, as
+DeepSeek-style checkpoints do): Megatron's MTP layers use the model's own embedding and output
+layer, so import checks the copies equal them and export writes them from the exported (so
+fine-tuned) tensors; copies that differ are carried byte-identical instead, with a warning.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ from megatron_eaft.models.family import (
     HFConfig,
     ModelFamily,
     Param,
+    mtp_head_rows,
+    mtp_layer_rows,
     rope_gpt_model_kwargs,
 )
 
@@ -211,18 +219,47 @@ def glm4_moe_lite_gpt_model_kwargs(hf: HFConfig) -> dict[str, Any]:
     return rope_gpt_model_kwargs(hf)
 
 
-def mtp_layers(hf: HFConfig) -> tuple[str, ...]:
-    """The MTP layers' tensor prefixes: ``model.layers.{num_hidden_layers + i}.``."""
-    layers = hf.integer("num_hidden_layers")
-    return tuple(
-        f"model.layers.{layers + i}." for i in range(hf.integer("num_nextn_predict_layers", 0))
-    )
+def mtp_layers(hf: HFConfig) -> int:
+    return hf.integer("num_nextn_predict_layers", 0)
+
+
+def mtp_hf_offset(hf: HFConfig) -> int:
+    """HF numbers the MTP layers after the decoder's: ``model.layers.{num_hidden_layers}``."""
+    return hf.integer("num_hidden_layers")
+
+
+# HF copies of the embedding and output layer in each MTP layer (when the checkpoint has them).
+MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
+
+
+def mtp_copy_sources(hf: HFConfig) -> dict[str, str]:
+    """Each MTP layer's copy of the embedding and of the output layer, and what it copies."""
+    first = mtp_hf_offset(hf)
+    head = "model.embed_tokens.weight" if hf.get("tie_word_embeddings") else "lm_head.weight"
+    sources = dict(zip(MTP_COPIES, ("model.embed_tokens.weight", head), strict=True))
+    return {
+        f"model.layers.{first + i}.{name}": source
+        for i in range(mtp_layers(hf))
+        for name, source in sources.items()
+    }
+
+
+def mtp_copies(hf: HFConfig) -> tuple[str, ...]:
+    """Carried when present (written back as they were) unless they equal their source."""
+    return tuple(mtp_copy_sources(hf))
 
 
 def glm4_moe_lite_block_spec(config: Any, transformer_impl: str, vp_stage: int | None) -> Any:
     from megatron_eaft.models.cpu_specs import mla_decoder_block_spec
 
     return mla_decoder_block_spec(config, transformer_impl, vp_stage, LATENT_NORM_EPS)
+
+
+def glm4_moe_lite_mtp_layer_spec(config: Any, transformer_impl: str) -> Any:
+    """The MTP layer's inner layer: an MLA + MoE decoder layer."""
+    from megatron_eaft.models.cpu_specs import mla_layer_spec
+
+    return mla_layer_spec(config, transformer_impl, True, LATENT_NORM_EPS)
 
 
 A = "decoder.layers.self_attention."
@@ -322,11 +359,30 @@ FAMILY = ModelFamily(
     architectures=("Glm4MoeLiteForCausalLM",),
     config=glm4_moe_lite_config,
     dims=glm4_moe_lite_dims,
-    params=(*EMBEDDINGS, *MLA, *DENSE_MLP, *MOE_MLP),
+    params=(
+        *EMBEDDINGS,
+        *MLA,
+        *DENSE_MLP,
+        *MOE_MLP,
+        *mtp_head_rows(
+            "model.layers.{mtp}.",
+            {
+                "enorm": "enorm.weight",
+                "hnorm": "hnorm.weight",
+                "eh_proj": "eh_proj.weight",
+                "final_layernorm": "shared_head.norm.weight",
+            },
+        ),
+        *mtp_layer_rows((*MLA, *MOE_MLP), L, "model.layers.{mtp}."),
+    ),
     gpt_model_kwargs=glm4_moe_lite_gpt_model_kwargs,
     block_spec_fn=glm4_moe_lite_block_spec,
     ignored_hf=lm_head_beside_tied_embeddings,
     hf_config_class="Glm4MoeLiteConfig",
     megatron_config_class="MLATransformerConfig",
-    carried_hf=mtp_layers,
+    carried_hf=mtp_copies,
+    hf_copies=mtp_copy_sources,
+    mtp_layers=mtp_layers,
+    mtp_hf_offset=mtp_hf_offset,
+    mtp_layer_spec_fn=glm4_moe_lite_mtp_layer_spec,
 )

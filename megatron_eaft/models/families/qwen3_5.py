@@ -16,8 +16,15 @@ What matters for identical logits:
   * partial RoPE (`partial_rotary_factor` 0.25, rotate-half). `mrope_section` splits the rotary
     frequencies between temporal / height / width position ids; for text the three ids are
     equal, so M-RoPE is plain RoPE over the rotated dims (transformers' own text positions).
-The vision tower (`model.visual.*`) and the MTP head (`mtp.*`, which transformers does not
-build) are carried through byte-identical, not converted.
+The vision tower (`model.visual.*`) is carried through byte-identical, not converted.
+
+The multi-token-prediction (MTP) layer (`mtp.*`, which transformers does not build) is
+Megatron's MTP layer (`mtp_num_layers` = `mtp_num_hidden_layers`, at most 1: Qwen3.5 shares one
+`mtp.fc` and one set of pre-fc norms between its MTP layers, Megatron gives each layer its own):
+`mtp.pre_fc_norm_embedding` / `pre_fc_norm_hidden` / `fc` / `norm` are `enorm` / `hnorm` /
+`eh_proj` / `final_layernorm` (fc's input is [embedding; hidden], as `eh_proj`'s; zero-centred
+norms, as the decoder's), and `mtp.layers.0.*` is a gated full-attention decoder layer, stored
+as the decoder's are. Both take the decoder's output after its final norm.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from megatron_eaft.models.families.qwen3 import QK_NORMS
 from megatron_eaft.models.family import (
     COPY,
     INTERLEAVE_GATED_QKV,
+    MTP_PREFIX,
     ZERO_CENTERED_NORM,
     Dims,
     HFConfig,
@@ -44,6 +52,8 @@ from megatron_eaft.models.family import (
     SplitRows,
     Transform,
     llama_like_dims,
+    mtp_head_rows,
+    mtp_layer_rows,
     rope_gpt_model_kwargs,
     swiglu_rmsnorm_decoder_config,
 )
@@ -105,8 +115,25 @@ def partial_rotary_factor(hf: HFConfig) -> float:
     return float(factor)
 
 
+def mtp_layers(hf: HFConfig) -> int:
+    """`mtp_num_hidden_layers`: 0 or 1 (see the module docstring)."""
+    layers = hf.integer("mtp_num_hidden_layers", 0)
+    if layers > 1:
+        raise hf.unsupported(
+            "mtp_num_hidden_layers",
+            layers,
+            "Qwen3.5's MTP layers share one mtp.fc and its norms; Megatron's have their own",
+        )
+    return layers
+
+
+def has_mtp(hf: HFConfig) -> bool:
+    return mtp_layers(hf) > 0
+
+
 def qwen3_5_config(hf: HFConfig) -> dict[str, Any]:
     dims = qwen3_5_dims(hf)
+    mtp_layers(hf)  # validated before any tensor moves
     types = layer_types(hf)
     hf.reject_unless("attention_bias", lambda v: not v, "biases on Qwen3.5 attention projections")
     partial_rotary_factor(hf)  # validated before any tensor moves
@@ -204,16 +231,42 @@ def qwen3_5_block_spec(config: Any, transformer_impl: str, vp_stage: int | None)
     return gated_delta_net_block_spec(config, transformer_impl, vp_stage)
 
 
+def qwen3_5_mtp_layer_spec(config: Any, transformer_impl: str) -> Any:
+    """The MTP layer's inner layer: the decoder's full-attention layer (its MLP included)."""
+    from megatron_eaft.models.cpu_specs import attention_layer_spec, gated_delta_net_block_spec
+
+    return attention_layer_spec(gated_delta_net_block_spec(config, transformer_impl))
+
+
+# `mtp.fc` and its norms have no layer index: the rows of Megatron's MTP layer 0.
+MTP_HEAD = mtp_head_rows(
+    "mtp.",
+    {
+        "enorm": "pre_fc_norm_embedding.weight",
+        "hnorm": "pre_fc_norm_hidden.weight",
+        "eh_proj": "fc.weight",
+        "final_layernorm": "norm.weight",
+    },
+    megatron_prefix=MTP_PREFIX.replace("{mtp}", "0"),
+    when=has_mtp,
+)
+
+
+def qwen3_5_mtp_rows(mlp_rows: tuple[Param, ...]) -> tuple[Param, ...]:
+    """The MTP rows of a Qwen3.5 family whose decoder MLP rows are ``mlp_rows``."""
+    return (*MTP_HEAD, *mtp_layer_rows((*GATED_ATTENTION, *mlp_rows), L, "mtp.layers.{mtp}."))
+
+
 def qwen3_5_layouts(causal_lm: str, vision_language: str) -> dict[str, HFLayout]:
-    """The causal LM's tensors as the table names them (MTP carried), and the published
-    vision-language checkpoints: text sub-config, `model.language_model.*`, vision tower and
-    MTP carried through."""
+    """The causal LM's tensors as the table names them, and the published vision-language
+    checkpoints: text sub-config, `model.language_model.*` (MTP stays at the top level,
+    `mtp.*`), vision tower carried through."""
     return {
-        causal_lm: HFLayout(carried=("mtp.",)),
+        causal_lm: HFLayout(),
         vision_language: HFLayout(
             text_config="text_config",
             renames=(("model.", "model.language_model."),),
-            carried=("model.visual.", "mtp."),
+            carried=("model.visual.",),
         ),
     }
 
@@ -223,9 +276,17 @@ FAMILY = ModelFamily(
     architectures=("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"),
     config=qwen3_5_config,
     dims=qwen3_5_dims,
-    params=(*EMBEDDINGS, *GATED_ATTENTION, *GATED_DELTA_NET, *DENSE_MLP),
+    params=(
+        *EMBEDDINGS,
+        *GATED_ATTENTION,
+        *GATED_DELTA_NET,
+        *DENSE_MLP,
+        *qwen3_5_mtp_rows(DENSE_MLP),
+    ),
     gpt_model_kwargs=qwen3_5_gpt_model_kwargs,
     block_spec_fn=qwen3_5_block_spec,
+    mtp_layers=mtp_layers,
+    mtp_layer_spec_fn=qwen3_5_mtp_layer_spec,
     ignored_hf=lm_head_beside_tied_embeddings,
     hf_config_class="Qwen3_5TextConfig",
     layouts=qwen3_5_layouts("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"),

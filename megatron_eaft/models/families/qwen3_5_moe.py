@@ -13,6 +13,8 @@ What matters for identical logits:
   * transformers' ``Qwen3_5MoeTextConfig`` has no dense MLP, no ``decoder_sparse_step`` and no
     ``mlp_only_layers``: every layer is MoE whatever those keys say, so a config asking for
     dense layers is refused rather than converted to something transformers does not build.
+The MTP layer (see ``qwen3_5.py``) is an MoE layer too; its experts' HF layout is read on its
+own (group ``mtp_experts``): Qwen3.5 files store them per expert, Qwen3.6 files packed.
 Routed experts are read packed (``experts.gate_up_proj`` / ``down_proj``, the published files)
 or per expert (``experts.{e}.gate_proj.weight`` ..., what transformers 5 ``save_pretrained``
 writes), whichever the checkpoint has; export writes the layout it came from.
@@ -26,11 +28,14 @@ from megatron_eaft.models.families.qwen2 import EMBEDDINGS, L, lm_head_beside_ti
 from megatron_eaft.models.families.qwen3_5 import (
     GATED_ATTENTION,
     GATED_DELTA_NET,
+    mtp_layers,
     qwen3_5_block_spec,
     qwen3_5_config,
     qwen3_5_dims,
     qwen3_5_gpt_model_kwargs,
     qwen3_5_layouts,
+    qwen3_5_mtp_layer_spec,
+    qwen3_5_mtp_rows,
 )
 from megatron_eaft.models.family import (
     CONCAT_ROWS,
@@ -116,9 +121,11 @@ FAMILY = ModelFamily(
     architectures=("Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration"),
     config=qwen3_5_moe_config,
     dims=qwen3_5_moe_dims,
-    params=(*EMBEDDINGS, *GATED_ATTENTION, *GATED_DELTA_NET, *MOE),
+    params=(*EMBEDDINGS, *GATED_ATTENTION, *GATED_DELTA_NET, *MOE, *qwen3_5_mtp_rows(MOE)),
     gpt_model_kwargs=qwen3_5_gpt_model_kwargs,
     block_spec_fn=qwen3_5_block_spec,
+    mtp_layers=mtp_layers,
+    mtp_layer_spec_fn=qwen3_5_mtp_layer_spec,
     ignored_hf=lm_head_beside_tied_embeddings,
     hf_config_class="Qwen3_5MoeTextConfig",
     layouts=qwen3_5_layouts("Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration"),
