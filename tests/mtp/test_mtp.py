@@ -281,10 +281,10 @@ def test_mtp_modes_weight_the_mtp_heads_or_not_and_leave_the_main_head(dist, che
 # -- a finetune run ------------------------------------------------------------------------------
 
 
-def two_steps(checkpoint: Path, data: Path) -> list[dict]:
+def two_steps(checkpoint: Path, data: Path, *extra: str) -> list[dict]:
     from megatron_eaft.train.trainer import Trainer
 
-    overrides = ("train.iterations=2", "data.global_batch_size=2", "eaft.mtp=plain")
+    overrides = ("train.iterations=2", "data.global_batch_size=2", "eaft.mtp=plain", *extra)
     config = helpers.finetune_config(checkpoint, data, *overrides)
     trainer = Trainer(config)
     try:
@@ -339,3 +339,20 @@ def test_a_glm_copy_that_differs_is_carried_as_it_is(tmp_path, caplog):
     original, exported = _tensors(hf_dir), _tensors(tmp_path / "out")
     assert sorted(exported) == sorted(original)
     assert all(torch.equal(exported[k], t) for k, t in original.items())
+
+
+def test_fused_output_with_an_mtp_layer_gives_the_unfused_steps(dist, checkpoints, tmp_path):
+    # The main head fused (chunks of 24 tokens do not divide the 64-token rows), the MTP head
+    # through the unfused seam: the same losses, MTP loss and gradient norms as unfused.
+    data = helpers.write_sft_dataset(tmp_path / "data", packing="pad")
+    checkpoint = checkpoints[1]["qwen3_5"].megatron_dir
+    fused_overrides = ("eaft.fused_output=true", "eaft.fused_chunk_tokens=24", "eaft.mtp=weighted")
+    unfused = dist.run(two_steps, 1, checkpoint, data, "eaft.mtp=weighted")[0]
+    fused = dist.run(two_steps, 1, checkpoint, data, *fused_overrides)[0]
+    for step, (got, expected) in enumerate(zip(fused, unfused, strict=True), start=1):
+        assert set(got["reports"]) == set(expected["reports"]), step
+        assert "mtp_1 loss" in got["reports"]
+        for key, (total, count) in expected["reports"].items():
+            assert got["reports"][key][1] == count, (step, key)
+            assert got["reports"][key][0] == pytest.approx(total, rel=1e-5, abs=1e-6), (step, key)
+        assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), step
