@@ -104,6 +104,11 @@ def _tensors(model) -> dict[str, torch.Tensor]:
 
 
 def _peer_job(cases: dict, input_ids: torch.Tensor) -> dict:
+    with bridge_support.own_environment():
+        return _peers(cases, input_ids)
+
+
+def _peers(cases: dict, input_ids: torch.Tensor) -> dict:
     bridge_support.import_bridge()
     from megatron.bridge import AutoBridge
     from megatron.bridge.models.conversion.param_mapping import AutoMapping
