@@ -131,6 +131,11 @@ def _peers(cases: dict, input_ids: torch.Tensor) -> dict:
             "bridge_model_class": type(model).__name__,
             "ours": _logits(model, input_ids, vocab),
         }
+        # Wipe the model first, so that a tensor Bridge leaves alone cannot pass as equal.
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                if tensor is not None and torch.is_floating_point(tensor):
+                    tensor.fill_(float("nan"))
         bridge.load_hf_weights([model])
         theirs = _tensors(model)
         result["keys_only_ours"] = sorted(ours.keys() - theirs.keys())
