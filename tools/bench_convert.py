@@ -1,7 +1,9 @@
-"""Benchmark `convert import` on a synthetic checkpoint with Qwen3-32B's shapes.
+"""Benchmark `convert import` on a synthetic checkpoint with a real model's shapes.
 
-Writes an HF directory (config.json + sharded safetensors) with Qwen3-32B's per-layer and
-embedding shapes but only ``--layers`` layers, then measures, each in a fresh process and
+Writes an HF directory (config.json + sharded safetensors) with the per-layer and embedding
+shapes of ``--model`` (Qwen3-32B, or Qwen3.5-27B's language model: Gated-DeltaNet layers and
+gated full attention every 4th layer) but only ``--layers`` layers, the tensor table taken
+from the family's own conversion plan, then measures, each in a fresh process and
 alternating ``--repeats`` times:
 
 * ``cp -r`` of the HF directory, followed by fsync of every copied file (the baseline);
@@ -14,7 +16,10 @@ Reported: import throughput as a ratio to cp's (goal >= 0.5; the median of the p
 ratios, cp and import of a run running back to back under the same disk load) and import peak
 RSS as a ratio to the largest tensor (goal <= 3). Printed and written as JSON.
 
-    python tools/bench_convert.py --layers 4 --out bench_out/bench_convert.json
+    python tools/bench_convert.py --model qwen3.5-27b --layers 4 --out bench_out/bench_convert.json
+
+``--shrink N`` divides every width (hidden, MLP, vocab, head sizes) by N, keeping the layer
+pattern: a quick smoke run of the whole benchmark, not a measurement.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -52,6 +59,106 @@ QWEN3_32B = {
     "torch_dtype": "bfloat16",
 }
 
+# Qwen3.5-27B's language model as `Qwen3_5ForCausalLM` (the published checkpoint is the
+# vision-language `Qwen3_5ForConditionalGeneration`; its text tensors have these shapes under
+# `model.language_model.`). Attention, MLP, vocab and RoPE: the Megatron arguments of slime's
+# scripts/models/qwen3.5-27B.sh (checked there against config.json) and the Qwen3.5-27B model
+# cards; 16 x (3 GDN + 1 attention) = 64 layers: Megatron-Bridge 0.6.2's Qwen35Bridge. The
+# Gated-DeltaNet widths are those of Qwen/Qwen3.6-27B's config.json (the same architecture,
+# model_type qwen3_5); no Qwen3.5-27B config.json itself was at hand.
+QWEN3_5_27B = {
+    "architectures": ["Qwen3_5ForCausalLM"],
+    "model_type": "qwen3_5_text",
+    "vocab_size": 248320,
+    "hidden_size": 5120,
+    "intermediate_size": 17408,
+    "num_attention_heads": 24,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "linear_num_key_heads": 16,
+    "linear_num_value_heads": 48,
+    "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128,
+    "linear_conv_kernel_dim": 4,
+    "full_attention_interval": 4,
+    "attn_output_gate": True,
+    "hidden_act": "silu",
+    "max_position_embeddings": 262144,
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 10000000,
+        "partial_rotary_factor": 0.25,
+        "mrope_section": [11, 11, 10],
+        "mrope_interleaved": True,
+    },
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "torch_dtype": "bfloat16",
+}
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    label: str
+    config: dict[str, Any]
+    # Width fields --shrink divides; the layer pattern is left alone.
+    widths: tuple[str, ...]
+    # Tensors compared after the first round trip, one per kind of transform.
+    spot_checks: tuple[str, ...]
+    # Fewest layers that hold every kind of layer.
+    min_layers: int = 1
+
+
+MODELS = {
+    "qwen3-32b": BenchModel(
+        "Qwen3-32B",
+        QWEN3_32B,
+        ("hidden_size", "intermediate_size", "vocab_size", "head_dim"),
+        (
+            "model.layers.0.self_attn.q_proj.weight",  # through the QKV interleave
+            "model.layers.0.mlp.up_proj.weight",  # file to file, second half of fc1
+            "model.norm.weight",
+        ),
+    ),
+    "qwen3.5-27b": BenchModel(
+        "Qwen3.5-27B",
+        QWEN3_5_27B,
+        (
+            "hidden_size",
+            "intermediate_size",
+            "vocab_size",
+            "head_dim",
+            "linear_key_head_dim",
+            "linear_value_head_dim",
+        ),
+        (
+            "model.layers.0.linear_attn.in_proj_qkv.weight",  # row sections, three keys
+            "model.layers.0.linear_attn.conv1d.weight",
+            "model.layers.0.linear_attn.norm.weight",  # the zero-centred norm offset
+            "model.layers.3.self_attn.q_proj.weight",  # the gated QKV interleave
+            "model.layers.3.mlp.up_proj.weight",
+            "model.norm.weight",
+        ),
+        min_layers=QWEN3_5_27B["full_attention_interval"],
+    ),
+}
+
+
+def bench_config(model: BenchModel, layers: int, shrink: int = 1) -> dict[str, Any]:
+    """The HF config.json of the synthetic checkpoint: ``layers`` layers, widths / ``shrink``."""
+    if layers < model.min_layers:
+        raise ValueError(
+            f"{model.label} needs --layers >= {model.min_layers} to hold every kind of layer"
+        )
+    config = {**model.config, "num_hidden_layers": layers}
+    for field in model.widths:
+        if config[field] % shrink:
+            raise ValueError(f"--shrink {shrink} does not divide {field} {config[field]}")
+        config[field] //= shrink
+    return config
+
+
 # Runs in a child process so its peak RSS is the conversion's alone. VmHWM is the high-water
 # mark of this process image (ru_maxrss would carry over the parent's from before exec).
 CHILD = r"""
@@ -72,13 +179,15 @@ print(json.dumps({{"seconds": seconds, "bytes": summary.bytes, "tensors": summar
 """
 
 
-def synthetic_checkpoint(directory: Path, layers: int, shard_bytes: int) -> tuple[int, int]:
-    """Write the HF directory; returns (total tensor bytes, largest tensor bytes)."""
+def synthetic_checkpoint(
+    directory: Path, config: dict[str, Any], shard_bytes: int
+) -> tuple[int, int]:
+    """Write the HF directory for ``config`` with every tensor its family's conversion plan
+    reads; returns (total tensor bytes, largest tensor bytes)."""
     from megatron_eaft.convert.engine import plan_conversion
     from megatron_eaft.convert.hf_io import PlannedTensor, SafetensorsShardWriter, plan_shards
     from megatron_eaft.models.families import family_for_hf_config
 
-    config = {**QWEN3_32B, "num_hidden_layers": layers}
     plan = plan_conversion(family_for_hf_config(config), config)
     planned = [
         PlannedTensor(name, torch.bfloat16, shape)
@@ -88,10 +197,15 @@ def synthetic_checkpoint(directory: Path, layers: int, shard_bytes: int) -> tupl
     directory.mkdir(parents=True)
     writer = SafetensorsShardWriter(directory, plan_shards(planned, shard_bytes), fsync=True)
     # Random-looking but cheap: one random block tiled over each tensor.
-    block = torch.randn(1 << 20).to(torch.bfloat16)
+    noise = torch.randn(1 << 20)
+    block = noise.to(torch.bfloat16)
+    # Norm weights as trained models have them, near 1: a zero-centred norm is stored as
+    # w - 1, which bf16 holds exactly for w in [0.5, 2] (not for N(0, 1) values near 0).
+    norm_block = (1 + 0.1 * noise).clamp(0.5, 1.5).to(torch.bfloat16)
     for tensor in planned:
         numel = tensor.nbytes // 2
-        data = block.repeat(-(-numel // block.numel()))[:numel].reshape(tensor.shape)
+        source = norm_block if len(tensor.shape) == 1 and "norm" in tensor.name else block
+        data = source.repeat(-(-numel // source.numel()))[:numel].reshape(tensor.shape)
         writer.write(tensor.name, data)
         del data
     writer.finish()
@@ -99,15 +213,10 @@ def synthetic_checkpoint(directory: Path, layers: int, shard_bytes: int) -> tupl
     return sum(t.nbytes for t in planned), max(t.nbytes for t in planned)
 
 
-def spot_check(hf_dir: Path, exported_dir: Path) -> None:
+def spot_check(hf_dir: Path, exported_dir: Path, names: tuple[str, ...]) -> None:
     """The round trip returned a few of the tensors bit-exact (the tests cover all of them)."""
     from megatron_eaft.convert.hf_io import SafetensorsReader
 
-    names = [
-        "model.layers.0.self_attn.q_proj.weight",  # through the QKV interleave
-        "model.layers.0.mlp.up_proj.weight",  # file to file, second half of fc1
-        "model.norm.weight",
-    ]
     with SafetensorsReader(hf_dir) as before, SafetensorsReader(exported_dir) as after:
         for name in names:
             if not torch.equal(before.read(name), after.read(name)):
@@ -138,7 +247,13 @@ def run_child(function: str, source: Path, target: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", choices=sorted(MODELS), default="qwen3-32b", help="shapes (default qwen3-32b)"
+    )
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
+    parser.add_argument(
+        "--shrink", type=int, default=1, help="divide every width by this (smoke runs; default 1)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs (default 3)")
     parser.add_argument(
         "--workdir", type=Path, default=Path("/tmp/bench_convert"), help="scratch directory"
@@ -146,14 +261,20 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench_out/bench_convert.json"))
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = parser.parse_args()
+    model = MODELS[args.model]
+    try:
+        config = bench_config(model, args.layers, args.shrink)
+    except ValueError as error:
+        parser.error(str(error))
 
     if args.workdir.exists():
         shutil.rmtree(args.workdir)
     hf_dir = args.workdir / "hf"
     start = time.perf_counter()
-    total_bytes, largest = synthetic_checkpoint(hf_dir, args.layers, 5 * 10**9)
+    total_bytes, largest = synthetic_checkpoint(hf_dir, config, 5 * 10**9)
+    shapes = model.label + (f" / {args.shrink}" if args.shrink > 1 else "")
     print(
-        f"synthetic Qwen3-32B-shaped checkpoint: {args.layers} layers, {total_bytes / 1e9:.2f} GB, "
+        f"synthetic {shapes}-shaped checkpoint: {args.layers} layers, {total_bytes / 1e9:.2f} GB, "
         f"largest tensor {largest / 1e9:.2f} GB, written in {time.perf_counter() - start:.0f} s",
         flush=True,
     )
@@ -170,7 +291,7 @@ def main() -> int:
             imports.append(run_child("import_hf_checkpoint", hf_dir, mg_dir))
         exports.append(run_child("export_megatron_checkpoint", mg_dir, out_dir))
         if repeat == 0:
-            spot_check(hf_dir, out_dir)
+            spot_check(hf_dir, out_dir, model.spot_checks)
         shutil.rmtree(out_dir)
         shutil.rmtree(mg_dir)
         print(
@@ -193,8 +314,9 @@ def main() -> int:
     peak_rss = statistics.median(r["peak_rss"] for r in imports)
     baseline_rss = statistics.median(r["baseline_rss"] for r in imports)
     report = {
-        "model": "Qwen3-32B shapes",
+        "model": f"{shapes} shapes",
         "layers": args.layers,
+        "shrink": args.shrink,
         "tensor_bytes": total_bytes,
         "largest_tensor_bytes": largest,
         "repeats": args.repeats,

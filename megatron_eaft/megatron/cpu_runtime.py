@@ -426,34 +426,83 @@ _BRIDGE_GPU_FUSIONS = (
     "gradient_accumulation_fusion",
     "apply_rope_fusion",
     "cross_entropy_loss_fusion",
+    "moe_permute_fusion",
 )
 
 
 def use_bridge_cpu_settings(cfg: Any) -> None:
     """Switch a Bridge ``ConfigContainer`` to what runs on CPU; does nothing with CUDA.
 
-    gloo, Megatron-Core's local layer spec and attention (a provider with its own layer spec
-    keeps it and builds it locally), no fused kernels, fp32 weights and no mixed precision.
+    gloo, the model provider's CPU settings (:func:`use_bridge_cpu_model_settings`), fp32
+    weights and no mixed precision.
     """
     if cuda_available():
         return
     import dataclasses
 
-    from megatron.bridge.models.gpt_provider import local_layer_spec
-    from megatron.core.transformer.enums import AttnBackend
-
-    model = cfg.model
-    if getattr(model.transformer_layer_spec, "__module__", "").startswith("megatron.bridge"):
-        model.transformer_layer_spec = local_layer_spec
-    model.transformer_impl = "local"
-    model.attention_backend = AttnBackend.local
-    for fusion in _BRIDGE_GPU_FUSIONS:
-        if hasattr(model, fusion):
-            setattr(model, fusion, False)
-    model.bf16 = model.fp16 = False
-    model.params_dtype = torch.float32
-    model.pipeline_dtype = None
+    use_bridge_cpu_model_settings(cfg.model)
     cfg.mixed_precision = None
     if dataclasses.is_dataclass(cfg.optimizer):
         cfg.optimizer.bf16 = cfg.optimizer.fp16 = False
     cfg.dist.distributed_backend = "gloo"
+
+
+def use_bridge_cpu_model_settings(provider: Any) -> None:
+    """Switch a Bridge model provider to what builds and runs on CPU; does nothing with CUDA.
+
+    Megatron-Core's local layer spec and attention, no fused kernels, fp32 weights. A provider
+    whose decoder spec only builds with Transformer Engine gets the CPU spec of the same
+    decoder (:mod:`megatron_eaft.models.cpu_specs`): Megatron's Gated-DeltaNet hybrid builder
+    (Qwen3.5, Qwen3-Next) runs with the local provider and Megatron's torch GDN path, and a
+    multi-latent-attention decoder (GLM-4.7-Flash) gets the CPU MLA spec with the latent norms
+    at ``layernorm_epsilon``, as Megatron's own MLA specs build them. Any other spec of the
+    provider's own is kept and built locally.
+    """
+    if cuda_available():
+        return
+    from megatron.bridge.models.gpt_provider import local_layer_spec
+    from megatron.core.transformer.enums import AttnBackend
+
+    spec = provider.transformer_layer_spec
+    if getattr(spec, "__module__", "").startswith("megatron.bridge"):
+        provider.transformer_layer_spec = local_layer_spec
+    elif _is_gated_delta_net_hybrid_spec(spec):
+        from megatron_eaft.models import cpu_specs
+
+        provider.transformer_layer_spec = _gated_delta_net_cpu_spec
+        for field, value in cpu_specs.gated_delta_net_runtime_settings().items():
+            setattr(provider, field, value)
+    elif getattr(provider, "multi_latent_attention", False) and _is_gpt_decoder_block_spec(spec):
+        provider.transformer_layer_spec = _mla_cpu_spec
+    provider.transformer_impl = "local"
+    provider.attention_backend = AttnBackend.local
+    for fusion in _BRIDGE_GPU_FUSIONS:
+        if hasattr(provider, fusion):
+            setattr(provider, fusion, False)
+    provider.bf16 = provider.fp16 = False
+    provider.params_dtype = torch.float32
+    provider.pipeline_dtype = None
+
+
+def _is_gated_delta_net_hybrid_spec(spec: Any) -> bool:
+    from megatron.core.models.gpt import experimental_attention_variant_module_specs as variant
+
+    return spec is variant.get_transformer_block_with_experimental_attention_variant_spec
+
+
+def _is_gpt_decoder_block_spec(spec: Any) -> bool:
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    return getattr(spec, "func", spec) is get_gpt_decoder_block_spec
+
+
+def _gated_delta_net_cpu_spec(config: Any, vp_stage: int | None = None) -> Any:
+    from megatron_eaft.models import cpu_specs
+
+    return cpu_specs.gated_delta_net_block_spec(config, "local", vp_stage)
+
+
+def _mla_cpu_spec(config: Any, vp_stage: int | None = None) -> Any:
+    from megatron_eaft.models import cpu_specs
+
+    return cpu_specs.mla_decoder_block_spec(config, "local", vp_stage, config.layernorm_epsilon)

@@ -95,6 +95,26 @@ def import_bridge() -> None:
             importlib.import_module(name)
 
 
+# Megatron's GPTModel sets these for the attention backend it is built with, and asserts that
+# they agree with the next model's backend: a model an earlier job built in this worker would
+# make the next job's model refuse to build.
+ATTENTION_BACKEND_VARIABLES = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+
+
+@contextlib.contextmanager
+def own_environment() -> Iterator[None]:
+    """A worker job that starts without the attention-backend variables and leaves the
+    process environment as it found it (Megatron and Bridge recipes set variables)."""
+    environment = dict(os.environ)
+    for name in ATTENTION_BACKEND_VARIABLES:
+        os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
+
+
 def probe_import() -> str:
     """'' when megatron.bridge imports here, else the import error (a worker job)."""
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -128,14 +127,8 @@ def _finetune(cfg, forward_step, input_ids: torch.Tensor) -> dict:
 
     # Megatron sets process-wide variables (NVTE_* for the attention backend) and so do Bridge
     # recipes (env_vars): each job in this worker starts from and leaves the same environment.
-    environment = dict(os.environ)
-    for leftover in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
-        os.environ.pop(leftover, None)  # set by a model an earlier job built in this worker
-    try:
+    with bridge_support.own_environment():
         finetune(cfg, forward_step_func=forward_step, callbacks=[Record()])
-    finally:
-        os.environ.clear()
-        os.environ.update(environment)
     return {"reports": reports, "logits": final["logits"]}
 
 
