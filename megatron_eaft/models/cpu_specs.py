@@ -117,13 +117,16 @@ class HeadShardedRMSNorm(CpuRMSNorm):
     parameters under sequence parallelism, which the GDN output norm is only with SP: without
     it, TP ranks would step with different gradients (measured: 0.77 relative error at TP2).
     The weight passes an identity whose backward all-reduces over TP instead, and is not
-    marked for Megatron's reduction, so it is summed once either way.
+    marked for Megatron's reduction, so it is summed once either way. Megatron calls the norm
+    inside a ``torch.compile``d function (``_apply_gated_norm``); the forward stays out of the
+    compiled graph, whose traced gloo all-reduce hung the TP ranks (measured).
     """
 
     def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **kwargs: Any):
         super().__init__(config, hidden_size, eps, **kwargs)
         self.weight.sequence_parallel = False  # type: ignore[attr-defined]
 
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 

@@ -398,9 +398,23 @@ def family_runs(dist, tmp_path_factory):
     return run
 
 
+# qwen3_5's pair of jobs is the dearest (Gated DeltaNet at TP2 without SP, ~60 s of the 2 CPU
+# cores here): outside the default suite. qwen3_5_moe runs the same layers at TP2 (with SP).
+SLOW_FAMILIES = {"qwen3_5"}
+
+
+def _family_param(family: str, *values: str) -> object:
+    marks = [pytest.mark.slow] if family in SLOW_FAMILIES else []
+    return pytest.param(family, *values, marks=marks, id="-".join((family, *values)))
+
+
 @pytest.mark.parametrize(
     ("family", "layout"),
-    [(family, layout) for family, layouts in FAMILY_LAYOUTS.items() for layout in layouts],
+    [
+        _family_param(family, layout)
+        for family, layouts in FAMILY_LAYOUTS.items()
+        for layout in layouts
+    ],
 )
 def test_family_eaft_step_matches_tp1(family_runs, family, layout):
     """Same losses, grad norm and reassembled gradients as the family's TP1 step."""
@@ -421,7 +435,7 @@ def test_family_eaft_step_matches_tp1(family_runs, family, layout):
         )
 
 
-@pytest.mark.parametrize("family", list(FAMILY_LAYOUTS))
+@pytest.mark.parametrize("family", [_family_param(family) for family in FAMILY_LAYOUTS])
 def test_family_finetune_lowers_the_loss_and_exports_to_transformers(family_runs, family, tmp_path):
     """Three steps on one repeated batch (the first at warm-up LR 0) at PP2, saved; `convert
     export` of the saved run loads in transformers and gives the trained model's logits."""
