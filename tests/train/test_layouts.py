@@ -1,7 +1,10 @@
 """One EAFT training step through the trainer: the same loss and gradients at every layout.
 
 Weights come from a tiny Qwen3 converted by `convert import`, so every layout starts from the
-same model; the data is packed rows (block-diagonal attention on the local layers).
+same model; the data is packed rows (block-diagonal attention on the local layers). The newer
+families (Qwen3.5, Qwen3.5-MoE, GLM-4.7-Flash) take the same step on unpacked rows at TP2 / PP2
+(and EP2 with MoE), then a short saved `finetune` run that `convert export` gives back to
+transformers. Gradients are compared whole, by checkpoint key, reassembled from every rank.
 """
 
 from __future__ import annotations
