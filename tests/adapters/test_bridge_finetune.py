@@ -317,7 +317,7 @@ def test_a_megatron_eaft_finetune_checkpoint_is_a_bridge_pretrained_checkpoint(
     dist, bridge_dist, tiny_run, tmp_path
 ):
     vocab = read_model_metadata(tiny_run["qwen3_megatron"]).vocab_size
-    data = train_helpers.write_sft_dataset(tmp_path / "data", packing="pad", vocab_size=vocab)
+    data = train_helpers.write_sft_dataset(tmp_path / "data", packing="pad", vocab=vocab)
     ours = tmp_path / "ours"
     dist.run(_our_finetune, TP, str(tiny_run["qwen3_megatron"]), str(data), str(ours))
 

@@ -1,9 +1,9 @@
 """GLM-4.7-Flash (MLA, sigmoid-routed MoE with expert bias, dense first layer) through the
 conversion engine and Megatron-Core.
 
-HF -> torch_dist -> logits at TP1 / EP2 / TP2 against transformers (fp32), the family table
-against the GPTModel Megatron builds (its MTP layer included), HF -> Megatron -> HF bit-exact
-(the MTP layer converted, its copies of the embedding and output layer carried).
+HF -> torch_dist -> logits at TP1 / EP2 / TP2 / PP2 against transformers (fp32), the family
+table against the GPTModel Megatron builds (its MTP layer included), HF -> Megatron -> HF
+bit-exact (the MTP layer converted, its copies of the embedding and output layer carried).
 The distributed work is two pool jobs (one rank, then two ranks).
 """
 
@@ -41,6 +41,18 @@ def checkpoint(tmp_path_factory):
     return hf_dir, megatron_dir, input_ids, glm.logits(model, input_ids)
 
 
+@pytest.fixture(scope="module")
+def four_layers(tmp_path_factory):
+    """A four-layer model without MTP (dense, MoE | MoE, MoE at PP2): the three-layer one does
+    not split into two pipeline stages."""
+    root = tmp_path_factory.mktemp("glm4_moe_lite_pp")
+    input_ids = verify.sample_inputs(glm.VOCAB, batch=2, seq_len=12, seed=5)
+    model = glm.random_model(glm.config(num_hidden_layers=4, num_nextn_predict_layers=0), seed=4)
+    model.save_pretrained(root / "hf")
+    import_hf_checkpoint(root / "hf", root / "megatron", progress=False, fsync=False)
+    return root / "megatron", glm.logits(model, input_ids)
+
+
 def _layout_and_tp1_logits(megatron_dir: str, input_ids: torch.Tensor):
     from megatron_eaft.models import ModelMetadata
     from tests.convert.test_families import rank_sharded_layout
@@ -49,11 +61,11 @@ def _layout_and_tp1_logits(megatron_dir: str, input_ids: torch.Tensor):
     return layout, verify.megatron_logits(megatron_dir, input_ids, 1, 1)
 
 
-def _logits_at_layouts(megatron_dir: str, input_ids: torch.Tensor, layouts):
-    return [verify.megatron_logits(megatron_dir, input_ids, *layout) for layout in layouts]
+def _logits_at_layouts(runs: list[tuple[str, tuple[int, int, int]]], input_ids: torch.Tensor):
+    return [verify.megatron_logits(directory, input_ids, *layout) for directory, layout in runs]
 
 
-def test_converted_checkpoint_matches_megatron_and_transformers(dist, checkpoint):
+def test_converted_checkpoint_matches_megatron_and_transformers(dist, checkpoint, four_layers):
     hf_dir, megatron_dir, input_ids, reference = checkpoint
     (tensors, objects), tp1 = dist.run(_layout_and_tp1_logits, 1, str(megatron_dir), input_ids)[0]
     config = json.loads((hf_dir / "config.json").read_text())
@@ -62,10 +74,17 @@ def test_converted_checkpoint_matches_megatron_and_transformers(dist, checkpoint
     assert plan.global_shapes() == tensors
     assert {sharded_object_key(*o) for o in plan.extra_state_objects()} == set(objects)
 
-    layouts = [(1, 1, 2), (2, 1, 1)]  # (tp, pp, ep): EP2, TP2
-    two_ranks = dist.run(_logits_at_layouts, 2, str(megatron_dir), input_ids, layouts)[0]
-    for layout, logits in zip([(1, 1, 1), *layouts], [tp1, *two_ranks], strict=True):
-        comparison = verify.compare_logits(reference, logits)
+    pipeline_dir, pipeline_reference = four_layers
+    runs = [  # (checkpoint, (tp, pp, ep)): EP2, TP2, PP2
+        (str(megatron_dir), (1, 1, 2)),
+        (str(megatron_dir), (2, 1, 1)),
+        (str(pipeline_dir), (1, 2, 1)),
+    ]
+    two_ranks = dist.run(_logits_at_layouts, 2, runs, input_ids)[0]
+    references = [reference, reference, reference, pipeline_reference]
+    layouts = [(1, 1, 1), *(layout for _, layout in runs)]
+    for layout, expected, logits in zip(layouts, references, [tp1, *two_ranks], strict=True):
+        comparison = verify.compare_logits(expected, logits)
         assert comparison.max_abs_diff <= ATOL, (layout, comparison.line())
         assert comparison.top1_agreement == 1.0, (layout, comparison.line())
 

@@ -1,6 +1,6 @@
 """Qwen3.5-MoE through the conversion engine and Megatron-Core.
 
-HF -> torch_dist -> logits at TP1 / EP2 / TP2 (eval mode) against transformers (fp32), for
+HF -> torch_dist -> logits at TP1 / EP2 / TP2 / PP2 (eval mode) against transformers (fp32), for
 `Qwen3_5MoeForCausalLM` and the language model inside `Qwen3_5MoeForConditionalGeneration`;
 the routed experts read per expert (what `save_pretrained` writes) and packed (the published
 layout), both into the same Megatron tensors, and exported back bit-exact in the layout they
@@ -61,9 +61,11 @@ def checkpoints(tmp_path_factory):
     return input_ids, made
 
 
-def _logits_at_layouts(runs: list[tuple[str, int, int]], input_ids: torch.Tensor):
+def _logits_at_layouts(runs: list[tuple[str, int, int, int]], input_ids: torch.Tensor):
     # megatron_logits runs forward-only in eval mode: MoE at TP2 needs no sequence parallelism.
-    return [verify.megatron_logits(directory, input_ids, tp, 1, ep) for directory, tp, ep in runs]
+    return [
+        verify.megatron_logits(directory, input_ids, tp, pp, ep) for directory, tp, pp, ep in runs
+    ]
 
 
 def test_converted_checkpoints_match_megatron_and_transformers(dist, checkpoints):
@@ -80,14 +82,15 @@ def test_converted_checkpoints_match_megatron_and_transformers(dist, checkpoints
         assert plan.global_shapes() == tensors, layout
         assert {sharded_object_key(*o) for o in plan.extra_state_objects()} == set(objects)
 
-    runs = [("lm", 1, 2), ("lm", 2, 1), ("vl_packed", 1, 2)]
+    # (name, tp, pp, ep): EP2, TP2, PP2 (two layers with experts on each stage), VL at EP2.
+    runs = [("lm", 1, 1, 2), ("lm", 2, 1, 1), ("lm", 1, 2, 1), ("vl_packed", 1, 1, 2)]
     layouts = dist.run(
         _logits_at_layouts,
         2,
-        [(str(made[name].megatron_dir), tp, ep) for name, tp, ep in runs],
+        [(str(made[name].megatron_dir), tp, pp, ep) for name, tp, pp, ep in runs],
         input_ids,
     )[0]
-    assert_logits_match(made, {("lm", 1, 1): tp1, **dict(zip(runs, layouts, strict=True))})
+    assert_logits_match(made, {("lm", 1, 1, 1): tp1, **dict(zip(runs, layouts, strict=True))})
 
 
 def _megatron_tensors(megatron_dir: Path) -> dict[str, torch.Tensor]:

@@ -52,14 +52,14 @@ def converted_tiny_checkpoint(directory: Path, **overrides: Any) -> Path:
 
 
 def random_samples(
-    count: int, seed: int, min_length: int = 6, max_length: int = 40, vocab_size: int = VOCAB
+    count: int, seed: int, min_length: int = 6, max_length: int = 40, vocab: int = VOCAB
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(tokens, loss mask) per sample: a prompt without loss, then a response with loss."""
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(count):
         length = int(rng.integers(min_length, max_length + 1))
-        tokens = rng.integers(1, vocab_size, size=length).astype(np.uint16)
+        tokens = rng.integers(1, vocab, size=length).astype(np.uint16)
         prompt = int(rng.integers(1, length - 1))
         mask = np.zeros(length, dtype=np.uint8)
         mask[prompt:] = 1
@@ -74,7 +74,7 @@ def write_sft_dataset(
     samples: list[tuple[np.ndarray, np.ndarray]] | None = None,
     seq_length: int = SEQ_LENGTH,
     seed: int = 0,
-    vocab_size: int = VOCAB,
+    vocab: int = VOCAB,
 ) -> Path:
     """A dataset in `prepare-data`'s layout, without a tokenizer."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -82,7 +82,7 @@ def write_sft_dataset(
     from megatron_eaft.data.layout import LOSS_MASK_PREFIX, TOKENS_PREFIX, write_metadata
     from megatron_eaft.data.packing import pack
 
-    samples = random_samples(48, seed, vocab_size=vocab_size) if samples is None else samples
+    samples = random_samples(48, seed, vocab=vocab) if samples is None else samples
     rows = pack([len(tokens) - 1 for tokens, _ in samples], seq_length, packing)
     path.mkdir(parents=True)
     builders = {
@@ -102,12 +102,7 @@ def write_sft_dataset(
         builder.finalize(str(path / f"{prefix}.idx"))
     write_metadata(
         path,
-        {
-            "seq_length": seq_length,
-            "pad_token_id": 0,
-            "packing": packing,
-            "vocab_size": vocab_size,
-        },
+        {"seq_length": seq_length, "pad_token_id": 0, "packing": packing, "vocab_size": vocab},
     )
     return path
 
@@ -170,3 +165,31 @@ def wandb_offline_history(wandb_dir: Path) -> dict[str, Any]:
             }
             steps.setdefault(int(row["_step"]), {}).update(row)
     return {"run": run, "steps": steps}
+
+
+def converted_family_checkpoint(directory: Path, family: str) -> Path:
+    """A tiny random checkpoint of a newer family, from its test module's builders, without MTP
+    layers, converted by `convert import` (fp32); four layers, so PP2 holds two on each stage.
+
+    ``qwen3_5``: [linear, full, linear, full] attention; ``qwen3_5_moe``: the same with experts
+    in every layer; ``glm4_moe_lite``: MLA, a dense first layer, then three MoE layers.
+    """
+    from megatron_eaft.convert.engine import import_hf_checkpoint
+
+    hf_dir = directory / "hf"
+    if family == "glm4_moe_lite":
+        from tests.glm4_moe_lite import glm4_moe_lite_models as glm
+
+        model = glm.random_model(
+            glm.config(num_hidden_layers=4, num_nextn_predict_layers=0), seed=3
+        )
+        model.save_pretrained(hf_dir)
+    else:
+        from tests.qwen3_5 import qwen3_5_models as q35
+        from tests.qwen3_5_moe import qwen3_5_moe_models as q35m
+
+        models = {"qwen3_5": q35, "qwen3_5_moe": q35m}[family]
+        models.save(models.random_model(models.text_config(), seed=3), hf_dir)
+    megatron_dir = directory / "megatron"
+    import_hf_checkpoint(hf_dir, megatron_dir, dtype="fp32", progress=False, fsync=False)
+    return megatron_dir
