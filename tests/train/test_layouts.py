@@ -307,6 +307,13 @@ FAMILY_LAYOUTS: dict[str, dict[str, list[str]]] = {
     "qwen3_5": {"TP2": ["parallel.tensor=2"], "PP2": ["parallel.pipeline=2"]},
     "qwen3_5_moe": {
         "TP2-SP": _SEQUENCE_PARALLEL_TP2,
+        # The fused output layer under sequence parallelism inside the whole GPTModel (its
+        # input all-gathered, reduce-scattered back), 24-token chunks not dividing the rows.
+        "TP2-SP-fused": [
+            *_SEQUENCE_PARALLEL_TP2,
+            "eaft.fused_output=true",
+            "eaft.fused_chunk_tokens=24",
+        ],
         "PP2": ["parallel.pipeline=2"],
         "EP2": _EXPERT_PARALLEL,
     },
