@@ -24,8 +24,12 @@ from typing import Any
 
 import torch
 
-from megatron_eaft.megatron.bridge import enable_eaft, glm4_layer_spec, use_local_sft_data
-from megatron_eaft.megatron.megatron_lm import add_eaft_args, eaft_config_from_args
+from megatron_eaft.megatron.bridge import (
+    add_sft_run_args,
+    apply_sft_run_args,
+    finetune_with_eaft,
+    glm4_layer_spec,
+)
 from megatron_eaft.models import ModelMetadata
 from megatron_eaft.models.checkpoint_dir import HF_FILES_DIR
 
@@ -70,36 +74,18 @@ def glm4_sft_config(args: argparse.Namespace):
     cfg = _sft_common()
     cfg.model = glm4_model_provider(checkpoint, args.tp, args.pp, args.seq_length)
     cfg.tokenizer.tokenizer_model = str(checkpoint / HF_FILES_DIR)
-    cfg.checkpoint.pretrained_checkpoint = str(checkpoint)
-    cfg.checkpoint.save = args.save
-    cfg.dataset.seq_length = args.seq_length
-    if args.dataset_root is not None:
-        use_local_sft_data(cfg, args.dataset_root)
-    if args.train_iters is not None:
-        cfg.train.train_iters = args.train_iters
+    apply_sft_run_args(cfg, args)
     return cfg
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--megatron-checkpoint", required=True, help="`convert import` output")
-    parser.add_argument("--save", required=True, help="where Bridge writes checkpoints")
-    parser.add_argument("--tp", type=int, default=4, help="tensor-parallel size")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    parser.add_argument("--seq-length", type=int, default=4096, help="packed row length")
-    parser.add_argument("--train-iters", type=int, default=None, help="override the recipe's")
-    parser.add_argument("--dataset-root", default=None, help="local SFT JSONL/packed directory")
-    return add_eaft_args(parser).parse_args(argv)
+    return add_sft_run_args(parser, default_tp=4).parse_args(argv)
 
 
 def main() -> None:
     args = parse_args()
-    cfg = glm4_sft_config(args)
-    forward_step = enable_eaft(cfg, eaft_config_from_args(args))
-
-    from megatron.bridge.training.finetune import finetune
-
-    finetune(cfg, forward_step_func=forward_step)
+    finetune_with_eaft(glm4_sft_config(args), args)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,42 @@ def use_local_sft_data(cfg: Any, dataset_root: str) -> None:
         cfg.dataset.hf_rewrite = False
 
 
+def add_sft_run_args(parser: Any, default_tp: int) -> Any:
+    """The arguments the Bridge SFT examples share: our checkpoint in, Bridge's out, the
+    layout and run length, local data, and EAFT's own (``add_eaft_args``)."""
+    from megatron_eaft.megatron.megatron_lm import add_eaft_args
+
+    parser.add_argument("--megatron-checkpoint", required=True, help="`convert import` output")
+    parser.add_argument("--save", required=True, help="where Bridge writes checkpoints")
+    parser.add_argument("--tp", type=int, default=default_tp, help="tensor-parallel size")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    parser.add_argument("--seq-length", type=int, default=4096, help="row length")
+    parser.add_argument("--train-iters", type=int, default=None, help="override the recipe's")
+    parser.add_argument("--dataset-root", default=None, help="local SFT JSONL/packed directory")
+    return add_eaft_args(parser)
+
+
+def apply_sft_run_args(cfg: Any, args: Any) -> None:
+    """Put :func:`add_sft_run_args`' checkpoint, row length, data and run length into a Bridge
+    ``ConfigContainer`` (the model provider's layout is the caller's)."""
+    cfg.checkpoint.pretrained_checkpoint = str(args.megatron_checkpoint)
+    cfg.checkpoint.save = args.save
+    cfg.dataset.seq_length = args.seq_length
+    if args.dataset_root is not None:
+        use_local_sft_data(cfg, args.dataset_root)
+    if args.train_iters is not None:
+        cfg.train.train_iters = args.train_iters
+
+
+def finetune_with_eaft(cfg: Any, args: Any) -> None:
+    """Bridge's ``finetune()`` of ``cfg`` with the EAFT forward step ``args`` ask for."""
+    from megatron.bridge.training.finetune import finetune
+
+    from megatron_eaft.megatron.megatron_lm import eaft_config_from_args
+
+    finetune(cfg, forward_step_func=enable_eaft(cfg, eaft_config_from_args(args)))
+
+
 class EAFTBridgeForwardStep:
     """Bridge forward step ``(state, data_iterator, model, return_schedule_plan=False)``."""
 

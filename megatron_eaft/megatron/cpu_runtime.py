@@ -440,7 +440,9 @@ def use_bridge_cpu_settings(cfg: Any) -> None:
     """Switch a Bridge ``ConfigContainer`` to what runs on CPU; does nothing with CUDA.
 
     gloo, the model provider's CPU settings (:func:`use_bridge_cpu_model_settings`), fp32
-    weights and no mixed precision.
+    weights and no mixed precision. A model in deterministic mode (the CPU Gated-DeltaNet
+    path needs it) passes Bridge's check that ``NCCL_ALGO`` names a deterministic all-reduce:
+    gloo runs no NCCL, so the variable is set to one of Bridge's choices unless already set.
     """
     if cuda_available():
         return
@@ -451,6 +453,8 @@ def use_bridge_cpu_settings(cfg: Any) -> None:
     if dataclasses.is_dataclass(cfg.optimizer):
         cfg.optimizer.bf16 = cfg.optimizer.fp16 = False
     cfg.dist.distributed_backend = "gloo"
+    if getattr(cfg.model, "deterministic_mode", False):
+        os.environ.setdefault("NCCL_ALGO", "Ring")
 
 
 def use_bridge_cpu_model_settings(provider: Any) -> None:

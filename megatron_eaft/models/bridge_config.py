@@ -276,12 +276,20 @@ STRUCTURAL_DEFAULTS: dict[str, Any] = {
     "moe_router_topk": 2,
     "moe_ffn_hidden_size": None,
     "moe_router_pre_softmax": False,
+    "moe_router_score_function": "softmax",
+    "moe_layer_freq": 1,
     "rotary_base": 10000,
     "rotary_percent": 1.0,
     "share_embeddings_and_output_weights": False,
+    # Which decoder block a family with its own block builds (Gated-DeltaNet hybrid, MLA).
+    "experimental_attention_variant": None,
+    "multi_latent_attention": False,
 }
 # Bridge's GPT layer specs: a provider naming one of them builds Megatron-Core's decoder layer.
 BRIDGE_GPT_LAYER_SPECS = ("default_layer_spec", "local_layer_spec", "transformer_engine_layer_spec")
+# Where our CPU builds of Bridge's decoder blocks live (``cpu_runtime.use_bridge_cpu_settings``
+# puts them into a provider): the same Gated-DeltaNet hybrid / MLA block, built without TE.
+CPU_DECODER_SPECS_MODULE = "megatron_eaft.megatron.cpu_runtime."
 
 
 def check_provider_matches(model: Mapping[str, Any], metadata: ModelMetadata, where: str) -> None:
@@ -296,22 +304,59 @@ def check_provider_matches(model: Mapping[str, Any], metadata: ModelMetadata, wh
         }
     except UnsupportedConfigError as exc:
         raise MegatronCheckpointError(f"{where}: {exc}") from None
+    unused = _fields_the_model_does_not_read(model)
     differing = [
         f"{field}: Bridge {model[field]!r}, the HF config gives {expected.get(field, default)!r}"
         for field, default in STRUCTURAL_DEFAULTS.items()
         if model.get(field) is not None
+        and field not in unused
         and _comparable(model[field]) != _comparable(expected.get(field, default))
     ]
-    layer = _layer_spec_name(model)
-    if family.layer_spec_fn is not megatron_gpt_layer_spec and layer in BRIDGE_GPT_LAYER_SPECS:
-        differing.append(f"transformer_layer_spec: Bridge {layer}, {family.name} has its own layer")
-    if family.layer_spec_fn is megatron_gpt_layer_spec and layer.startswith("megatron_eaft."):
-        differing.append(f"transformer_layer_spec: Bridge {layer}, {family.name} has none")
+    differing.extend(_layer_spec_differences(family, _layer_spec_name(model)))
     if differing:
         raise MegatronCheckpointError(
             f"{where}: the model Bridge trained is not the {family.name} model its HF config "
             "describes:\n  " + "\n  ".join(differing)
         )
+
+
+def _fields_the_model_does_not_read(model: Mapping[str, Any]) -> set[str]:
+    """Structural fields that no tensor or computation of the provider's model depends on, so
+    a provider may leave them at any value (Bridge's do): the attention head width under MLA
+    (its own q/k/v head dims), ``moe_router_pre_softmax`` with sigmoid scores (Megatron's
+    router reads it for softmax only), the dense FFN width when every layer is MoE."""
+    unused = set()
+    if model.get("multi_latent_attention"):
+        unused.add("kv_channels")
+    if model.get("moe_router_score_function", "softmax") != "softmax":
+        unused.add("moe_router_pre_softmax")
+    frequency = model.get("moe_layer_freq", 1)
+    every_layer_moe = frequency == 1 or (isinstance(frequency, list) and set(frequency) == {1})
+    if model.get("num_moe_experts") and every_layer_moe:
+        unused.add("ffn_hidden_size")
+    return unused
+
+
+def _layer_spec_differences(family: Any, layer: str) -> list[str]:
+    """Whether Bridge's ``transformer_layer_spec`` builds the family's decoder.
+
+    A family with its own layer (GLM-4's sandwich norms) or its own decoder block (the
+    Gated-DeltaNet hybrid, MLA with dense-first layers) is not built by Bridge's GPT layer
+    specs; which block a block spec builds is told by the structural fields
+    (``experimental_attention_variant``, ``multi_latent_attention``), checked with the others.
+    Of our specs, a block family takes only our CPU builds of Bridge's blocks, and a family of
+    Megatron's plain GPT layer none.
+    """
+    own_layer = family.layer_spec_fn is not megatron_gpt_layer_spec
+    own_block = family.block_spec_fn is not None
+    if (own_layer or own_block) and layer in BRIDGE_GPT_LAYER_SPECS:
+        kind = "layer" if own_layer else "decoder block"
+        return [f"transformer_layer_spec: Bridge {layer}, {family.name} has its own {kind}"]
+    if not layer.startswith("megatron_eaft.") or own_layer:
+        return []
+    if own_block and layer.startswith(CPU_DECODER_SPECS_MODULE):
+        return []
+    return [f"transformer_layer_spec: Bridge {layer}, {family.name} has none"]
 
 
 def _layer_spec_name(model: Mapping[str, Any]) -> str:

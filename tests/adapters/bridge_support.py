@@ -104,8 +104,12 @@ ATTENTION_BACKEND_VARIABLES = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUS
 @contextlib.contextmanager
 def own_environment() -> Iterator[None]:
     """A worker job that starts without the attention-backend variables and leaves the
-    process environment as it found it (Megatron and Bridge recipes set variables)."""
+    process environment as it found it (Megatron and Bridge recipes set variables), torch's
+    deterministic-algorithms switch included (Bridge turns it on for a deterministic model)."""
+    import torch
+
     environment = dict(os.environ)
+    deterministic = torch.are_deterministic_algorithms_enabled()
     for name in ATTENTION_BACKEND_VARIABLES:
         os.environ.pop(name, None)
     try:
@@ -113,6 +117,7 @@ def own_environment() -> Iterator[None]:
     finally:
         os.environ.clear()
         os.environ.update(environment)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def probe_import() -> str:

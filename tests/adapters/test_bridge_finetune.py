@@ -29,6 +29,9 @@ from megatron_eaft.ops import EAFTConfig
 from tests.adapters import bridge_support
 from tests.convert import tiny_models
 from tests.glm4 import glm4_models
+from tests.glm4_moe_lite import glm4_moe_lite_models
+from tests.qwen3_5 import qwen3_5_models
+from tests.qwen3_5_moe import qwen3_5_moe_models
 from tests.train import helpers as train_helpers
 
 TP = 2
@@ -36,7 +39,15 @@ SEQ = 32
 ITERATIONS = 3
 GLOBAL_BATCH = 2
 EAFT_KEYS = ("eaft loss", "eaft/mean_weight", "eaft/mean_entropy", "eaft/confident_conflict_frac")
-GLM4_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "bridge" / "glm4_eaft_sft.py"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "bridge"
+GLM4_EXAMPLE = EXAMPLES / "glm4_eaft_sft.py"
+AUTOBRIDGE_EXAMPLE = EXAMPLES / "autobridge_eaft_sft.py"
+# The families Bridge converts but has no SFT recipe for, through the AutoBridge example, at
+# TP1 (EP1): MoE at TP > 1 needs sequence parallelism (not tried here); dense Qwen3.5 at TP2
+# trains, but the Gated-DeltaNet output norm's weight (replicated, applied to each rank's
+# heads) gets no TP all-reduce of its gradient without sequence parallelism, so the TP ranks'
+# copies drift apart and the saved rank-0 copy is not the model the run ends with.
+AUTOBRIDGE_TP = {"qwen3_5": 1, "qwen3_5_moe": 1, "glm4_moe_lite": 1}
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +73,21 @@ def tiny_run(tmp_path_factory) -> dict[str, Path]:
         "glm4": glm4_models.random_hf_model(
             glm4_models.tiny_hf_config(vocab_size=vocab, num_hidden_layers=2), seed=4
         ),
+        # Without MTP layers: Bridge's MTP path is not part of this round trip.
+        "qwen3_5": qwen3_5_models.random_model(
+            qwen3_5_models.text_config(vocab_size=vocab), seed=5
+        ),
+        "qwen3_5_moe": tiny_models.random_model(
+            qwen3_5_moe_models.text_config(vocab_size=vocab), seed=6
+        ),
+        # rms_norm_eps 1e-6: Bridge builds the latent norms with it, transformers (and so the
+        # export) always with 1e-6, so Bridge's model and the export compute the same.
+        "glm4_moe_lite": glm4_moe_lite_models.random_model(
+            glm4_moe_lite_models.config(
+                vocab_size=vocab, num_nextn_predict_layers=0, rms_norm_eps=1e-6
+            ),
+            seed=7,
+        ),
     }
     paths: dict[str, Path] = {"data": data}
     for name, model in models.items():
@@ -78,12 +104,12 @@ def tiny_run(tmp_path_factory) -> dict[str, Path]:
 # ---- in the workers -----------------------------------------------------------------------
 
 
-def _cpu_run_settings(cfg, save_dir: str) -> None:
+def _cpu_run_settings(cfg, save_dir: str, tp: int = TP) -> None:
     """A few tiny iterations on CPU: Bridge's recipe otherwise as it is."""
     from megatron_eaft.megatron import cpu_runtime
 
     cpu_runtime.use_bridge_cpu_settings(cfg)
-    cfg.model.tensor_model_parallel_size = TP
+    cfg.model.tensor_model_parallel_size = tp
     cfg.model.seq_length = SEQ
     cfg.dataset.seq_length = SEQ
     # Unpacked rows: offline packing is a data-preparation step of its own.
@@ -196,6 +222,22 @@ def _our_finetune(checkpoint: str, data: str, save: str) -> None:
         trainer.close()
 
 
+def _example(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example
+
+
+def _scaled_down_run(paths: dict[str, str], save: str, tp: int) -> list[str]:
+    """The README example commands' run arguments, scaled down, with kind eaft."""
+    return [
+        *("--save", save, "--tp", str(tp), "--seq-length", str(SEQ)),
+        *("--train-iters", str(ITERATIONS), "--dataset-root", paths["data"]),
+        *("--eaft-kind", "eaft", "--eaft-topk", "8"),
+    ]
+
+
 def _glm4_job(paths: dict[str, str], input_ids: torch.Tensor) -> dict:
     bridge_support.import_bridge()
     from megatron_eaft.megatron import cpu_runtime
@@ -204,34 +246,41 @@ def _glm4_job(paths: dict[str, str], input_ids: torch.Tensor) -> dict:
     from megatron_eaft.megatron.bridge import enable_eaft
     from megatron_eaft.megatron.megatron_lm import eaft_config_from_args
 
-    spec = importlib.util.spec_from_file_location("glm4_eaft_sft", GLM4_EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = _example(GLM4_EXAMPLE)
     save = str(Path(paths["root"]) / "glm4_eaft")
     # The README's command line, scaled down (the example's own argument parser).
     args = example.parse_args(
-        [
-            "--megatron-checkpoint",
-            paths["glm4_megatron"],
-            "--save",
-            save,
-            "--tp",
-            str(TP),
-            "--seq-length",
-            str(SEQ),
-            "--train-iters",
-            str(ITERATIONS),
-            "--dataset-root",
-            paths["data"],
-            "--eaft-kind",
-            "eaft",
-            "--eaft-topk",
-            "8",
-        ]
+        ["--megatron-checkpoint", paths["glm4_megatron"], *_scaled_down_run(paths, save, TP)]
     )
     cfg = example.glm4_sft_config(args)
     _cpu_run_settings(cfg, save)
     return _finetune(cfg, enable_eaft(cfg, eaft_config_from_args(args)), input_ids)
+
+
+def _autobridge_job(paths: dict[str, str], input_ids: torch.Tensor) -> dict:
+    """Per family: the README's AutoBridge example command, scaled down, with kind eaft."""
+    bridge_support.import_bridge()
+    from megatron_eaft.megatron import cpu_runtime
+
+    cpu_runtime.apply_bridge_cpu_patches()
+    from megatron_eaft.megatron.bridge import enable_eaft
+    from megatron_eaft.megatron.megatron_lm import eaft_config_from_args
+
+    example = _example(AUTOBRIDGE_EXAMPLE)
+    results = {}
+    for family, tp in AUTOBRIDGE_TP.items():
+        save = str(Path(paths["root"]) / f"{family}_eaft")
+        args = example.parse_args(
+            [
+                *("--hf", paths[f"{family}_hf"]),
+                *("--megatron-checkpoint", paths[f"{family}_megatron"]),
+                *_scaled_down_run(paths, save, tp),
+            ]
+        )
+        cfg = example.autobridge_sft_config(args)
+        _cpu_run_settings(cfg, save, tp)
+        results[family] = _finetune(cfg, enable_eaft(cfg, eaft_config_from_args(args)), input_ids)
+    return results
 
 
 # ---- the tests -----------------------------------------------------------------------------
@@ -334,3 +383,29 @@ def test_a_megatron_eaft_finetune_checkpoint_is_a_bridge_pretrained_checkpoint(
     )
     original = verify.hf_logits(tiny_run["qwen3_hf"], input_ids)
     assert (original - expected).abs().max() > 1e-3, "our two steps changed the model"
+
+
+@pytest.mark.slow
+def test_qwen3_5_and_glm4_7_flash_our_conversion_bridge_finetune_our_export(bridge_dist, tiny_run):
+    """Qwen3.5, Qwen3.5-MoE and GLM-4.7-Flash (TP=1, EP=1, DP=2): ``convert import`` ->
+    ``examples/bridge/autobridge_eaft_sft.py``'s config with kind eaft -> ``convert export``."""
+    vocab = read_model_metadata(tiny_run["qwen3_5_megatron"]).vocab_size
+    input_ids = verify.sample_inputs(vocab, batch=2, seq_len=12, seed=10)
+    results = bridge_dist.run(_autobridge_job, 2, _paths(tiny_run), input_ids, timeout=900)[0]
+
+    assert results.keys() == AUTOBRIDGE_TP.keys()
+    for family, result in results.items():
+        reports = result["reports"]
+        assert len(reports) == ITERATIONS, family
+        assert all(set(EAFT_KEYS) <= step.keys() for step in reports), family
+        assert all(torch.isfinite(torch.tensor(step["lm loss"])) for step in reports), family
+        assert any(step["eaft/mean_weight"] < 1.0 for step in reports), family
+        save_dir = tiny_run["root"] / f"{family}_eaft"
+        run_config = read_bridge_run_config(save_dir / f"iter_{ITERATIONS:07d}")
+        assert run_config["model"]["tensor_model_parallel_size"] == AUTOBRIDGE_TP[family]
+        assert read_model_metadata(save_dir).family == family
+        out = tiny_run["root"] / f"{family}_export"
+        _export_equals_final_model(save_dir, out, input_ids, result["logits"])
+        original = verify.hf_logits(tiny_run[f"{family}_hf"], input_ids)
+        trained = verify.hf_logits(out, input_ids)
+        assert (original - trained).abs().max() > 1e-3, f"{family}: Bridge's steps changed nothing"

@@ -16,6 +16,8 @@ from megatron_eaft.models.bridge_config import (
 from megatron_eaft.models.metadata import MODEL_METADATA_FILE
 from tests.convert import tiny_models
 from tests.glm4 import glm4_models
+from tests.glm4_moe_lite import glm4_moe_lite_models
+from tests.qwen3_5 import qwen3_5_models
 
 # What megatron.bridge.training.checkpointing._load_checkpoint_from_path (0.6.2) reads from it.
 BRIDGE_READS = {
@@ -64,3 +66,58 @@ def test_a_provider_that_differs_from_its_hf_config_is_refused(tmp_path):
     }
     with pytest.raises(MegatronCheckpointError, match="qk_layernorm"):
         metadata_from_bridge_run_config({"model": model}, "run_config.yaml")
+
+
+def _provider(**fields) -> dict:
+    return {
+        "_target_": "megatron.bridge.models.gpt_provider.GPTModelProvider",
+        "transformer_impl": "local",
+        **fields,
+    }
+
+
+def _hf_dir(tmp_path, hf_config) -> str:
+    hf_config.save_pretrained(tmp_path / "hf")
+    return str(tmp_path / "hf")
+
+
+def test_a_qwen3_5_provider_with_our_cpu_block_spec_is_its_model(tmp_path):
+    """Bridge's Qwen3.5 provider on CPU names our CPU build of its Gated-DeltaNet block; one
+    naming Bridge's GPT layer spec builds plain attention layers and is refused."""
+    hf_dir = _hf_dir(tmp_path, qwen3_5_models.text_config())
+    cpu_spec = {"_target_": "megatron_eaft.megatron.cpu_runtime._gated_delta_net_cpu_spec"}
+    model = _provider(
+        hf_model_id=hf_dir,
+        experimental_attention_variant="gated_delta_net",
+        transformer_layer_spec=cpu_spec,
+    )
+    assert metadata_from_bridge_run_config({"model": model}, "run_config.yaml").family == "qwen3_5"
+    gpt_layer = {**model, "transformer_layer_spec": {"_target_": "x.gpt_provider.local_layer_spec"}}
+    with pytest.raises(MegatronCheckpointError, match="has its own decoder block"):
+        metadata_from_bridge_run_config({"model": gpt_layer}, "run_config.yaml")
+    plain = {**model, "experimental_attention_variant": "dsa"}
+    with pytest.raises(MegatronCheckpointError, match="experimental_attention_variant"):
+        metadata_from_bridge_run_config({"model": plain}, "run_config.yaml")
+
+
+def test_fields_a_glm4_7_flash_model_does_not_read_may_differ(tmp_path):
+    """Bridge's GLM-4.7-Flash provider sets kv_channels (unused under MLA) and
+    moe_router_pre_softmax (unused with sigmoid scores) where our family does not; the score
+    function itself must agree."""
+    hf_dir = _hf_dir(tmp_path, glm4_moe_lite_models.config(num_nextn_predict_layers=0))
+    model = _provider(
+        hf_model_id=hf_dir,
+        multi_latent_attention=True,
+        kv_channels=8,
+        moe_router_pre_softmax=True,
+        moe_router_score_function="sigmoid",
+        transformer_layer_spec={"_target_": "megatron_eaft.megatron.cpu_runtime._mla_cpu_spec"},
+    )
+    metadata = metadata_from_bridge_run_config({"model": model}, "run_config.yaml")
+    assert metadata.family == "glm4_moe_lite"
+    softmax = {**model, "moe_router_score_function": "softmax"}
+    with pytest.raises(MegatronCheckpointError, match="moe_router_score_function"):
+        metadata_from_bridge_run_config({"model": softmax}, "run_config.yaml")
+    no_mla = {**model, "multi_latent_attention": False}
+    with pytest.raises(MegatronCheckpointError, match="multi_latent_attention"):
+        metadata_from_bridge_run_config({"model": no_mla}, "run_config.yaml")
