@@ -42,12 +42,10 @@ EAFT_KEYS = ("eaft loss", "eaft/mean_weight", "eaft/mean_entropy", "eaft/confide
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "bridge"
 GLM4_EXAMPLE = EXAMPLES / "glm4_eaft_sft.py"
 AUTOBRIDGE_EXAMPLE = EXAMPLES / "autobridge_eaft_sft.py"
-# The families Bridge converts but has no SFT recipe for, through the AutoBridge example, at
-# TP1 (EP1): MoE at TP > 1 needs sequence parallelism (not tried here); dense Qwen3.5 at TP2
-# trains, but the Gated-DeltaNet output norm's weight (replicated, applied to each rank's
-# heads) gets no TP all-reduce of its gradient without sequence parallelism, so the TP ranks'
-# copies drift apart and the saved rank-0 copy is not the model the run ends with.
-AUTOBRIDGE_TP = {"qwen3_5": 1, "qwen3_5_moe": 1, "glm4_moe_lite": 1}
+# The families Bridge converts but has no SFT recipe for, through the AutoBridge example: dense
+# Qwen3.5 at TP2 (its Gated-DeltaNet output norm's gradient summed over TP by our CPU norm), the
+# MoE families at TP1 / EP1 (MoE at TP > 1 needs sequence parallelism, not tried here).
+AUTOBRIDGE_TP = {"qwen3_5": 2, "qwen3_5_moe": 1, "glm4_moe_lite": 1}
 
 
 @pytest.fixture(scope="module")
@@ -387,7 +385,7 @@ def test_a_megatron_eaft_finetune_checkpoint_is_a_bridge_pretrained_checkpoint(
 
 @pytest.mark.slow
 def test_qwen3_5_and_glm4_7_flash_our_conversion_bridge_finetune_our_export(bridge_dist, tiny_run):
-    """Qwen3.5, Qwen3.5-MoE and GLM-4.7-Flash (TP=1, EP=1, DP=2): ``convert import`` ->
+    """Qwen3.5 (TP=2), Qwen3.5-MoE and GLM-4.7-Flash (TP=1, EP=1, DP=2): ``convert import`` ->
     ``examples/bridge/autobridge_eaft_sft.py``'s config with kind eaft -> ``convert export``."""
     vocab = read_model_metadata(tiny_run["qwen3_5_megatron"]).vocab_size
     input_ids = verify.sample_inputs(vocab, batch=2, seq_len=12, seed=10)
