@@ -4,6 +4,7 @@ imports Megatron or builds a model (which takes tens of seconds), each naming it
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from megatron_eaft.data.compatibility import DatasetModelMismatch, check_dataset_for_model
@@ -114,6 +115,38 @@ def _check_moe_sequence_parallel(config: FinetuneConfig, metadata: ModelMetadata
         )
 
 
+def _may_use_transformer_engine(transformer_impl: str) -> bool:
+    """What ``auto`` resolves to, without importing Megatron (its layer specs decide there)."""
+    if transformer_impl != "auto":
+        return transformer_impl == "transformer_engine"
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def _check_gated_delta_net_sequence_parallel(
+    config: FinetuneConfig, metadata: ModelMetadata
+) -> None:
+    """Gated DeltaNet's output norm is replicated across TP while the heads it normalises are
+    split: Megatron-Core 0.19 sums its gradient over TP only for ``sequence_parallel``
+    parameters under sequence parallelism. Without SP the TP ranks' copies drift apart (our
+    local spec's norm sums it itself; Transformer Engine's does not)."""
+    parallel = config.parallel
+    if parallel.tensor <= 1 or parallel.sequence_parallel:
+        return
+    if not _may_use_transformer_engine(config.model.transformer_impl):
+        return
+    kwargs = metadata.model_family.transformer_config_kwargs(metadata.hf_config)
+    if kwargs.get("experimental_attention_variant") == "gated_delta_net":
+        raise ConfigError(
+            "parallel.sequence_parallel",
+            f"this {metadata.family} model has Gated-DeltaNet layers, whose output-norm "
+            f"gradient Megatron-Core sums over parallel.tensor={parallel.tensor} ranks only "
+            "with sequence parallelism under Transformer Engine (without it the ranks' copies "
+            "of that weight drift apart); set parallel.sequence_parallel=true",
+        )
+
+
 def preflight(config: FinetuneConfig) -> ModelMetadata:
     """Raise :class:`ConfigError` for what would otherwise fail inside every rank."""
     for key, path in _datasets(config):
@@ -125,6 +158,7 @@ def preflight(config: FinetuneConfig) -> ModelMetadata:
     except LayoutError as error:
         raise ConfigError(f"parallel.{error.option}", str(error)) from None
     _check_moe_sequence_parallel(config, metadata)
+    _check_gated_delta_net_sequence_parallel(config, metadata)
     if not config.data.allow_tokenizer_mismatch:
         for key, path in _datasets(config):
             if path is None:

@@ -170,3 +170,31 @@ def test_a_full_disk_during_training_is_one_line_not_a_traceback(tmp_path, capsy
     assert lines == [
         f"megatron-eaft finetune: error: no space left on device writing {tmp_path}/run"
     ]
+
+
+def test_gated_delta_net_at_tp2_under_transformer_engine_needs_sequence_parallelism(tmp_path):
+    from tests.qwen3_5 import qwen3_5_models
+
+    hf_config = qwen3_5_models.text_config().to_dict()
+    base = tmp_path / "qwen3_5"
+    base.mkdir()
+    ModelMetadata.for_hf_config(hf_config, dtype="fp32", transformer_impl="local").write(base)
+    (base / "release").mkdir()
+    (base / TRACKER_FILE).write_text("release")
+    vocab = hf_config["vocab_size"]
+
+    def run(name: str, **parallel) -> dict:
+        data = fake_dataset(tmp_path / name, vocab_size=vocab)
+        return config(
+            tmp_path / f"{name}_run",
+            model={"checkpoint": str(base), "transformer_impl": parallel.pop("impl")},
+            data={"path": str(data)},
+            parallel=parallel,
+        )
+
+    error = refused(run("te", impl="transformer_engine", tensor=2))
+    assert error.key == "parallel.sequence_parallel" and "Gated-DeltaNet" in str(error)
+    te_sp = run("te_sp", impl="transformer_engine", tensor=2, sequence_parallel=True)
+    assert preflight(config_from_dict(te_sp)).family == "qwen3_5"
+    # The local spec's output norm sums its gradient over TP itself.
+    assert preflight(config_from_dict(run("local", impl="local", tensor=2))).family == "qwen3_5"
