@@ -80,22 +80,26 @@ def checkpoints(tmp_path_factory):
     return input_ids, made
 
 
-def megatron_mtp_logits(megatron_dir: str, input_ids: torch.Tensor):
-    """Rank function (one rank): fp32 main and MTP-head logits, [batch, seq, vocab] each."""
+def megatron_mtp_logits(megatron_dir: str, input_ids: torch.Tensor, tp: int = 1):
+    """Rank function: fp32 main and MTP-head logits, [batch, seq, vocab] each (gathered over
+    ``tp`` tensor-parallel ranks)."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
     from megatron_eaft.megatron import cpu_runtime
     from megatron_eaft.models import ParallelLayout, build_model, load_model_weights
     from megatron_eaft.models.bridge_config import read_model_metadata
 
-    cpu_runtime.initialize_parallel()
+    cpu_runtime.initialize_parallel(tp=tp)
     metadata = read_model_metadata(megatron_dir)
-    model = build_model(metadata, ParallelLayout(), dtype=torch.float32, transformer_impl="local")
+    layout = ParallelLayout(tensor=tp)
+    model = build_model(metadata, layout, dtype=torch.float32, transformer_impl="local")
     load_model_weights(model, megatron_dir)
     model.eval()
     captured = {}
     hook = model.mtp.register_forward_hook(lambda m, a, out: captured.setdefault("mtp", out))
     position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids)
     with torch.no_grad():
-        main = model(input_ids, position_ids, None)
+        main = gather_from_tensor_model_parallel_region(model(input_ids, position_ids, None))
         # The block returns [main; MTP layer 1; ...] hidden states along the sequence axis.
         _, mtp_hidden = torch.chunk(captured["mtp"], 2, dim=0)
         weight = (
@@ -104,6 +108,7 @@ def megatron_mtp_logits(megatron_dir: str, input_ids: torch.Tensor):
             else None
         )
         mtp, _ = model.output_layer(mtp_hidden, weight=weight)
+        mtp = gather_from_tensor_model_parallel_region(mtp)
     hook.remove()
     vocab = metadata.vocab_size
     return main[..., :vocab].float(), mtp.transpose(0, 1)[..., :vocab].float()
@@ -356,3 +361,25 @@ def test_fused_output_with_an_mtp_layer_gives_the_unfused_steps(dist, checkpoint
             assert got["reports"][key][1] == count, (step, key)
             assert got["reports"][key][0] == pytest.approx(total, rel=1e-5, abs=1e-6), (step, key)
         assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), step
+
+
+def _mtp_logits_at_tp2(megatron_dirs: list[str], input_ids: torch.Tensor):
+    from megatron_eaft.megatron import cpu_runtime
+
+    results = []
+    for directory in megatron_dirs:
+        results.append(megatron_mtp_logits(directory, input_ids, tp=2))
+        cpu_runtime.destroy_parallel()
+    return results
+
+
+def test_mtp_logits_at_tp2_match_the_reference_forward(dist, checkpoints):
+    # Eval mode: MoE layers at TP2 need sequence parallelism only to train.
+    input_ids, made = checkpoints
+    names = sorted(made)
+    dirs = [str(made[n].megatron_dir) for n in names]
+    results = dist.run(_mtp_logits_at_tp2, 2, dirs, input_ids)[0]
+    for name, (main, mtp) in zip(names, results, strict=True):
+        comparison = verify.compare_logits(made[name].mtp_logits[:, :-1], mtp[:, :-1])
+        assert comparison.max_abs_diff <= ATOL, (name, comparison.line())
+        assert verify.compare_logits(made[name].logits, main).max_abs_diff <= ATOL, name
