@@ -43,6 +43,18 @@ class ParallelLayout:
     expert: int = 1
     context: int = 1
     sequence_parallel: bool = False
+    # Layers of the first / last pipeline stage when the others share the rest evenly
+    # (Megatron's num_layers_in_{first,last}_pipeline_stage); None: an even split.
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
+
+    def pipeline_config(self) -> dict[str, int]:
+        """The TransformerConfig fields of an uneven pipeline split (none for an even one)."""
+        fields = {
+            "num_layers_in_first_pipeline_stage": self.first_stage_layers,
+            "num_layers_in_last_pipeline_stage": self.last_stage_layers,
+        }
+        return {name: value for name, value in fields.items() if value is not None}
 
 
 class LayoutError(ValueError):
@@ -63,8 +75,39 @@ _DIVISIBILITY = (
     ("tensor", "linear_num_key_heads", "linear-attention key heads"),
     ("tensor", "linear_num_value_heads", "linear-attention value heads"),
     ("expert", "num_moe_experts", "experts"),
-    ("pipeline", "num_layers", "layers"),
 )
+
+
+def _check_pipeline_split(family: str, layers: int, layout: ParallelLayout) -> None:
+    """Megatron's rule: the first / last stage take the layers given, every other stage an
+    equal share of the rest, and every stage at least one layer."""
+    ends = {"first_stage_layers": layout.first_stage_layers}
+    ends["last_stage_layers"] = layout.last_stage_layers
+    given = {option: count for option, count in ends.items() if count is not None}
+    if given and layout.pipeline <= 1:
+        raise LayoutError(next(iter(given)), "needs pipeline parallel size > 1")
+    for option, count in given.items():
+        if count < 1:
+            raise LayoutError(option, f"must be >= 1, got {count}")
+    rest = layers - sum(given.values())
+    middle = layout.pipeline - len(given)
+    if middle == 0 and rest == 0:
+        return
+    if middle > 0 and rest > 0 and rest % middle == 0:
+        return
+    if not given:
+        raise LayoutError(
+            "pipeline",
+            f"pipeline parallel size {layout.pipeline} does not divide the {layers} layers of "
+            f"this {family} model (num_layers); parallel.first_stage_layers / "
+            "last_stage_layers give the end stages their own counts",
+        )
+    split = ", ".join(f"{option} {count}" for option, count in given.items())
+    raise LayoutError(
+        next(iter(given)),
+        f"{split} leave {rest} of the {layers} layers of this {family} model for "
+        f"{middle} other pipeline stage(s): each needs an equal share of at least one layer",
+    )
 
 
 def check_layout(metadata: ModelMetadata, layout: ParallelLayout) -> None:
@@ -88,6 +131,7 @@ def check_layout(metadata: ModelMetadata, layout: ParallelLayout) -> None:
                 f"{option} parallel size {size} does not divide the {count} {what} of this "
                 f"{metadata.family} model ({field})",
             )
+    _check_pipeline_split(metadata.family, config["num_layers"], layout)
     if layout.expert > 1 and not config.get("num_moe_experts"):
         raise LayoutError(
             "expert",
@@ -195,6 +239,7 @@ def build_model(
         variants=metadata.hf_variants,
         context_parallel_size=layout.context,
         sequence_parallel=layout.sequence_parallel,
+        **layout.pipeline_config(),
         use_cpu_initialization=not torch.cuda.is_available(),
         perform_initialization=initialize_weights,
         **{**_moe_settings(metadata, impl), **config_overrides},

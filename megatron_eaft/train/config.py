@@ -10,6 +10,7 @@ Schema (every key optional unless marked; defaults are the EAFT paper's fine-tun
       dtype: bf16              # bf16 | fp16 | fp32
     parallel:
       tensor: 1, pipeline: 1, context: 1, expert: 1
+      first_stage_layers: null, last_stage_layers: null   # uneven pipeline stages
       sequence_parallel: false
       distributed_optimizer: true
     data:
@@ -130,12 +131,18 @@ class ParallelSection:
     pipeline: int = 1
     context: int = 1
     expert: int = 1
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
     sequence_parallel: bool = False
     distributed_optimizer: bool = True
 
     def __post_init__(self) -> None:
         for name in ("tensor", "pipeline", "context", "expert"):
             _check(getattr(self, name) >= 1, f"parallel.{name}", "must be >= 1")
+        for name in ("first_stage_layers", "last_stage_layers"):
+            count = getattr(self, name)
+            _check(count is None or count >= 1, f"parallel.{name}", "must be >= 1")
+            _check(count is None or self.pipeline > 1, f"parallel.{name}", "needs pipeline > 1")
         _check(
             not self.sequence_parallel or self.tensor > 1,
             "parallel.sequence_parallel",
@@ -605,7 +612,9 @@ KEY_HELP: dict[str, str] = {
     "data.seed": "seed of the row order",
     "data.allow_tokenizer_mismatch": "train on data tokenised with another tokenizer than the model's",
     "parallel.tensor": "tensor-parallel size",
-    "parallel.pipeline": "pipeline-parallel size (divides the layer count)",
+    "parallel.pipeline": "pipeline-parallel size (divides the layer count, or see first_stage_layers)",
+    "parallel.first_stage_layers": "layers of the first pipeline stage; the other stages share the rest",
+    "parallel.last_stage_layers": "layers of the last pipeline stage; the other stages share the rest",
     "parallel.context": "context-parallel size (Transformer Engine attention)",
     "parallel.expert": "expert-parallel size (MoE models)",
     "parallel.sequence_parallel": "sequence parallelism with TP (Transformer Engine)",

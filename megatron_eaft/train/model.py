@@ -84,6 +84,8 @@ def parallel_layout(config: FinetuneConfig) -> ParallelLayout:
         expert=parallel.expert,
         context=parallel.context,
         sequence_parallel=parallel.sequence_parallel,
+        first_stage_layers=parallel.first_stage_layers,
+        last_stage_layers=parallel.last_stage_layers,
     )
 
 

@@ -198,3 +198,19 @@ def test_gated_delta_net_at_tp2_under_transformer_engine_needs_sequence_parallel
     assert preflight(config_from_dict(te_sp)).family == "qwen3_5"
     # The local spec's output norm sums its gradient over TP itself.
     assert preflight(config_from_dict(run("local", impl="local", tensor=2))).family == "qwen3_5"
+
+
+def test_uneven_pipeline_stages_follow_megatrons_rule(tmp_path):
+    # The tiny Qwen3 has 4 layers: 3 stages cannot share them evenly, 1 + 3 / 3 + 1 can.
+    error = refused(config(tmp_path / "a", parallel={"pipeline": 3}))
+    assert error.key == "parallel.pipeline" and "first_stage_layers" in str(error)
+    uneven = config(tmp_path / "b", parallel={"pipeline": 2, "first_stage_layers": 1})
+    assert preflight(config_from_dict(uneven)).family == "qwen3"
+    error = refused(config(tmp_path / "c", parallel={"pipeline": 3, "first_stage_layers": 1}))
+    assert error.key == "parallel.first_stage_layers" and "leave 3 of the 4 layers" in str(error)
+    both = {"pipeline": 3, "first_stage_layers": 1, "last_stage_layers": 1}
+    assert preflight(config_from_dict(config(tmp_path / "d", parallel=both))).family == "qwen3"
+    error = refused(config(tmp_path / "e", parallel={"pipeline": 2, "last_stage_layers": 4}))
+    assert error.key == "parallel.last_stage_layers"
+    with pytest.raises(ConfigError, match="needs pipeline > 1"):
+        config_from_dict(config(tmp_path / "f", parallel={"first_stage_layers": 2}))
