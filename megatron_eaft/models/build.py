@@ -99,8 +99,8 @@ def _check_pipeline_split(family: str, layers: int, layout: ParallelLayout) -> N
         raise LayoutError(
             "pipeline",
             f"pipeline parallel size {layout.pipeline} does not divide the {layers} layers of "
-            f"this {family} model (num_layers); parallel.first_stage_layers / "
-            "last_stage_layers give the end stages their own counts",
+            f"this {family} model (num_layers); the first / last stage can have their own "
+            "counts (finetune: parallel.first_stage_layers / last_stage_layers)",
         )
     split = ", ".join(f"{option} {count}" for option, count in given.items())
     raise LayoutError(
