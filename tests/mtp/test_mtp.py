@@ -383,3 +383,18 @@ def test_mtp_logits_at_tp2_match_the_reference_forward(dist, checkpoints):
         comparison = verify.compare_logits(made[name].mtp_logits[:, :-1], mtp[:, :-1])
         assert comparison.max_abs_diff <= ATOL, (name, comparison.line())
         assert verify.compare_logits(made[name].logits, main).max_abs_diff <= ATOL, name
+
+
+def test_an_mtp_model_at_pp2_gives_the_pp1_steps(dist, checkpoints, tmp_path):
+    # Megatron puts the MTP layer on the last pipeline stage, next to the output layer.
+    data = helpers.write_sft_dataset(tmp_path / "data", packing="pad")
+    checkpoint = checkpoints[1]["qwen3_5"].megatron_dir
+    pp1 = dist.run(two_steps, 1, checkpoint, data)[0]
+    pp2 = dist.run(two_steps, 2, checkpoint, data, "parallel.pipeline=2")[-1]
+    for step, (got, expected) in enumerate(zip(pp2, pp1, strict=True), start=1):
+        assert set(got["reports"]) == set(expected["reports"]), step
+        assert "mtp_1 loss" in got["reports"]
+        for key, (total, count) in expected["reports"].items():
+            assert got["reports"][key][1] == count, (step, key)
+            assert got["reports"][key][0] == pytest.approx(total, rel=1e-5, abs=1e-6), (step, key)
+        assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), step
