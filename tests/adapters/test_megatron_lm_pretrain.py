@@ -154,6 +154,7 @@ def iteration_reports(log: str) -> dict[int, dict[str, float]]:
     return reports
 
 
+@pytest.mark.slow  # a whole Megatron-LM pretrain() run (~25-40 s)
 def test_example_trains_with_eaft_under_pretrain_at_tp2(tmp_path):
     codes, logs = run_example(tmp_path, ARGV)
     everything = "\n".join(f"--- rank {r} ---\n{log[-6000:]}" for r, log in enumerate(logs))

@@ -346,6 +346,7 @@ def test_a_glm_copy_that_differs_is_carried_as_it_is(tmp_path, caplog):
     assert all(torch.equal(exported[k], t) for k, t in original.items())
 
 
+@pytest.mark.slow  # two 2-step finetune runs (~20-25 s)
 def test_fused_output_with_an_mtp_layer_gives_the_unfused_steps(dist, checkpoints, tmp_path):
     # The main head fused (chunks of 24 tokens do not divide the 64-token rows), the MTP head
     # through the unfused seam: the same losses, MTP loss and gradient norms as unfused.
@@ -385,6 +386,7 @@ def test_mtp_logits_at_tp2_match_the_reference_forward(dist, checkpoints):
         assert verify.compare_logits(made[name].logits, main).max_abs_diff <= ATOL, name
 
 
+@pytest.mark.slow  # two 2-step finetune runs (~20-25 s)
 def test_an_mtp_model_at_pp2_gives_the_pp1_steps(dist, checkpoints, tmp_path):
     # Megatron puts the MTP layer on the last pipeline stage, next to the output layer.
     data = helpers.write_sft_dataset(tmp_path / "data", packing="pad")
