@@ -355,13 +355,8 @@ def test_fused_output_with_an_mtp_layer_gives_the_unfused_steps(dist, checkpoint
     fused_overrides = ("eaft.fused_output=true", "eaft.fused_chunk_tokens=24", "eaft.mtp=weighted")
     unfused = dist.run(two_steps, 1, checkpoint, data, "eaft.mtp=weighted")[0]
     fused = dist.run(two_steps, 1, checkpoint, data, *fused_overrides)[0]
-    for step, (got, expected) in enumerate(zip(fused, unfused, strict=True), start=1):
-        assert set(got["reports"]) == set(expected["reports"]), step
-        assert "mtp_1 loss" in got["reports"]
-        for key, (total, count) in expected["reports"].items():
-            assert got["reports"][key][1] == count, (step, key)
-            assert got["reports"][key][0] == pytest.approx(total, rel=1e-5, abs=1e-6), (step, key)
-        assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), step
+    assert all("mtp_1 loss" in step["reports"] for step in fused)
+    helpers.assert_same_steps(fused, unfused)
 
 
 def _mtp_logits_at_tp2(megatron_dirs: list[str], input_ids: torch.Tensor):
@@ -393,10 +388,5 @@ def test_an_mtp_model_at_pp2_gives_the_pp1_steps(dist, checkpoints, tmp_path):
     checkpoint = checkpoints[1]["qwen3_5"].megatron_dir
     pp1 = dist.run(two_steps, 1, checkpoint, data)[0]
     pp2 = dist.run(two_steps, 2, checkpoint, data, "parallel.pipeline=2")[-1]
-    for step, (got, expected) in enumerate(zip(pp2, pp1, strict=True), start=1):
-        assert set(got["reports"]) == set(expected["reports"]), step
-        assert "mtp_1 loss" in got["reports"]
-        for key, (total, count) in expected["reports"].items():
-            assert got["reports"][key][1] == count, (step, key)
-            assert got["reports"][key][0] == pytest.approx(total, rel=1e-5, abs=1e-6), (step, key)
-        assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), step
+    assert all("mtp_1 loss" in step["reports"] for step in pp2)
+    helpers.assert_same_steps(pp2, pp1)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 from megatron_eaft.train.config import FinetuneConfig, config_from_dict
@@ -193,3 +194,19 @@ def converted_family_checkpoint(directory: Path, family: str) -> Path:
     megatron_dir = directory / "megatron"
     import_hf_checkpoint(hf_dir, megatron_dir, dtype="fp32", progress=False, fsync=False)
     return megatron_dir
+
+
+def assert_same_reports(got: dict, expected: dict, label: object = None) -> None:
+    """Two fp32 runs' reports: the same keys and token counts, totals to 1e-5."""
+    assert set(got) == set(expected), label
+    for key, (total, count) in expected.items():
+        assert got[key][1] == count, (label, key)
+        assert got[key][0] == pytest.approx(total, rel=1e-5, abs=1e-6), (label, key)
+
+
+def assert_same_steps(got: list[dict], expected: list[dict]) -> None:
+    """Step records ({"reports", "grad_norm"}) of two runs: the same, step by step."""
+    assert len(got) == len(expected)
+    for step, (ours, theirs) in enumerate(zip(got, expected, strict=True), start=1):
+        assert_same_reports(ours["reports"], theirs["reports"], step)
+        assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4), step
