@@ -3,7 +3,7 @@
 VENV := .venv
 STAMP := $(VENV)/.synced
 
-.PHONY: demo test test-slow lint
+.PHONY: demo test test-slow test-nemo2 lint
 
 $(STAMP): pyproject.toml uv.lock tools/setup_env.sh
 	bash tools/setup_env.sh
@@ -20,6 +20,19 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	MEGATRON_EAFT_REQUIRE_BRIDGE=1 $(VENV)/bin/python -m pytest -q -m slow
+
+# NeMo 2 (nemo-toolkit 2.7 on Megatron-Core 0.15) in its own environment, envs/nemo2/.venv;
+# megatron_eaft from this checkout. --confcutdir keeps tests/conftest.py (main environment) out.
+NEMO2_VENV := envs/nemo2/.venv
+NEMO2_STAMP := $(NEMO2_VENV)/.synced
+
+$(NEMO2_STAMP): envs/nemo2/pyproject.toml envs/nemo2/uv.lock tools/setup_env.sh
+	bash tools/setup_env.sh nemo2
+	touch $(NEMO2_STAMP)
+
+test-nemo2: $(NEMO2_STAMP)
+	PYTHONPATH=$(CURDIR) $(NEMO2_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		--confcutdir=tests/nemo2 tests/nemo2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

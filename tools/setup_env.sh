@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv (Python 3.12, the locked versions of uv.lock) on a fresh machine.
+# `setup_env.sh nemo2` creates envs/nemo2/.venv instead (the NeMo 2 stack, envs/nemo2/uv.lock).
 # Python: $PYTHON if set, else pyenv's newest 3.12, else python3.12 on PATH.
 # uv: on PATH, else installed into .tools/uv with pip from the package index.
 set -euo pipefail
@@ -29,6 +30,12 @@ else
     .tools/uv/bin/python -m pip install --quiet --disable-pip-version-check "uv>=0.5"
   fi
   uv=.tools/uv/bin/uv
+fi
+if [[ "${1:-}" == nemo2 ]]; then
+  # NeMo 2 (nemo-toolkit 2.7) runs on Megatron-Core 0.15, below the main environment's floor:
+  # its own project and lock; megatron_eaft comes from the checkout on PYTHONPATH.
+  "$uv" sync --locked --project envs/nemo2 --compile-bytecode --python "$python"
+  exit 0
 fi
 # The CPU test/demo environment: everything CI runs (the Megatron-Bridge adapter's tests,
 # and lm-evaluation-harness and wandb for the evaluate and W&B tests), from the lock file,

@@ -6,8 +6,8 @@ embedding, CUDA streams in DDP, ``torch.cuda.FloatTensor`` type checks in gradie
 CUDA RNG states in the model-parallel RNG tracker). Tests, CI and the README demo run on CPU
 with the gloo backend, so this module papers over exactly those spots:
 
-* a ``TorchFunctionMode`` that maps any CUDA device argument (and ``Tensor.cuda()``) to CPU
-  and reports CPU tensors' ``type()`` under their CUDA name (the optimizers only accept those);
+* a ``TorchFunctionMode`` that maps any CUDA device argument (and ``Tensor.cuda()``) to CPU,
+  drops ``pin_memory`` requests (page-locking needs the CUDA driver), and reports CPU tensors' ``type()`` under their CUDA name (the optimizers only accept those);
 * ``torch.cuda`` stubs for the current device, synchronisation, streams and events;
 * an RNG tracker that forks the CPU generator per named state, so dropout and weight
   initialisation under ``get_cuda_rng_tracker().fork()`` stay reproducible and TP-aware.
@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 _PATCHED = False
 _TRAINING_PATCHED = False
 _BRIDGE_PATCHED = False
+_NEMO2_PATCHED = False
 _DEVICE_MODE: TorchFunctionMode | None = None
 
 
@@ -52,13 +53,15 @@ class _CudaToCpuMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = dict(kwargs or {})
-        if func is torch.Tensor.cuda:
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):  # page-locking needs the CUDA driver; nothing to copy to
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
@@ -340,6 +343,42 @@ def _compile_dataset_helpers_if_missing(compile_helpers: Callable[[], None]) -> 
 
 def _skip_bridge_jit_warm_up(model_config: Any, micro_batch_size: int) -> None:
     pass
+
+
+# ---- NeMo 2's trainer: nemo.collections.llm with Lightning's MegatronStrategy -------------
+
+
+def apply_nemo2_cpu_patches() -> None:
+    """Make NeMo 2's ``llm.finetune`` / ``llm.train`` runnable on CPU (gloo). Idempotent;
+    inert with CUDA. Call it before ``megatron.core`` or ``nemo`` is imported.
+
+    On top of :func:`apply_cpu_patches`, two spots assume a GPU:
+
+    * Megatron-Core 0.15 (the release nemo-toolkit 2.6/2.7 run on) builds a CUDA managed-memory
+      allocator with ``torch.utils.cpp_extension.load_inline`` when ``megatron.core`` is
+      imported. With the CUDA toolkit but no GPU, torch finds no architecture to build for and
+      raises an ``IndexError`` Megatron does not catch. Without a CUDA home the build stops with
+      the ``OSError`` Megatron expects (it warns and goes on without unified memory, which CPU
+      runs never use).
+    * NeMo's Megatron initialisation seeds the model-parallel RNG tracker only when it counts a
+      CUDA device (``_set_random_seed``), so the first layer built under the tracker fails.
+
+    The run itself still needs the CPU settings: the Lightning trainer on
+    ``accelerator="cpu"``, fp32, no Transformer Engine (an attention mask in the batches),
+    fusions off, and ``sanity_check_dist_workers=False`` for NeMo's SFT datasets (its
+    ``torch.cuda.LongTensor`` count); see ``tests/nemo2/finetune_run.py``.
+    """
+    global _NEMO2_PATCHED
+    if _NEMO2_PATCHED or cuda_available():
+        return
+    import torch.utils.cpp_extension
+
+    torch.utils.cpp_extension.CUDA_HOME = None
+    apply_cpu_patches()
+    from nemo.lightning import megatron_init
+
+    megatron_init._set_random_seed = _seeding_cpu_rng_tracker(megatron_init._set_random_seed)
+    _NEMO2_PATCHED = True
 
 
 def _seed_cpu_rng_tracker(seed: int, *args: Any, **kwargs: Any) -> None:
