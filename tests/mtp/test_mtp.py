@@ -397,6 +397,9 @@ def test_an_mtp_model_at_pp2_gives_the_pp1_steps(dist, checkpoints, tmp_path):
 # -- eaft.fused_output with MTP heads --------------------------------------------------------------
 
 FUSED_CHUNK_TOKENS = 7  # does not divide the 20 tokens of a micro-batch
+# Megatron's MTPLossLoggingHelper.tracker: per head, the loss logged as `mtp_1 loss` and the
+# acceptance counts.
+MTP_TRACKER_KEYS = ("loss_values", "correct_values", "total_values")
 
 
 def fused_and_unfused_mtp(megatron_dir: str, input_ids: torch.Tensor, tp: int) -> dict:
@@ -467,8 +470,7 @@ def fused_and_unfused_mtp(megatron_dir: str, input_ids: torch.Tensor, tp: int) -
             results[(mode, fused)] = {
                 "loss": loss.detach(),
                 "stats": stats._replace(loss=stats.loss.detach()),
-                "mtp": {k: tracker[k].clone() for k in ("loss_values", "correct_values")}
-                | {"total_values": tracker["total_values"].clone()},
+                "mtp": {k: tracker[k].clone() for k in MTP_TRACKER_KEYS},
                 "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
                 "output_layer_calls": list(output_layer_calls),
                 "largest_logits": max(logits_sizes, default=0),
