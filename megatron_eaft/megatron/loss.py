@@ -17,9 +17,22 @@ it passes Megatron's ``output_processor`` hook (0.19: called with the decoder's 
 the output layer and the tied weight, in place of ``output_layer`` + ``compute_language_model_
 loss``). Both the plain forward and the combined-1F1B schedule plan go through ``_postprocess``.
 The processor gathers the hidden states over TP as ColumnParallelLinear does and calls
-:func:`megatron_eaft.ops.fused_output_weighted_cross_entropy`. Multi-token-prediction heads run
-before it inside ``process_mtp_loss`` and keep the unfused seam (Megatron derives their
-acceptance counts from their logits).
+:func:`megatron_eaft.ops.fused_output_weighted_cross_entropy`.
+
+The MTP heads are fused with it, inside Megatron's own ``process_mtp_loss`` (label and loss-mask
+rolling, ``mtp_loss_scaling_factor``, ``MTPLossAutoScaler``, ``calculate_per_token_loss``,
+``mtp_detach_heads``, CP and the ``mtp_1 loss`` / acceptance logging all stay Megatron's):
+while ``_postprocess`` runs with the fused processor, the main head never calls the output layer,
+so its calls there are the MTP heads' (``process_mtp_loss``: ``output_layer`` then
+``compute_language_model_loss`` per head, Megatron-Core 0.18-0.20). For that call the output
+layer's forward, shadowed on the instance, returns a :class:`DeferredLogits` (the head's
+hidden states and weight) and ``compute_language_model_loss`` runs the fused loss on it, gathering
+over SP as ColumnParallelLinear would. The one other thing Megatron derives from MTP logits
+(>= 0.19) is each head's acceptance counts, from the logits' top-1; the fused pass keeps each
+token's shard-local top-1 (O(T)), which answers ``max(dim=-1)`` / ``torch.argmax`` as the
+logits would. Any other use raises an error naming it (a Megatron that starts to read the MTP
+logits otherwise needs ``fused_output`` off). Without labels, or in inference, nothing is
+deferred: Megatron computes the MTP logits as usual.
 
 Multi-token prediction (MTP): ``process_mtp_loss`` (inside ``_postprocess``, before the main
 head) calls the same ``compute_language_model_loss`` once per MTP layer, with labels it rolled
@@ -27,9 +40,10 @@ from a clone of the forward's labels. The seam tells them apart by identity: dur
 ``_postprocess`` (shadowed on the instance for models with MTP layers) the main call is the one
 given the forward's own ``labels`` object, every other call is an MTP head. ``eaft.mtp`` says
 what the MTP heads get: ``weighted`` (the configured weighting from each head's own logits) or
-``plain`` (Megatron's cross-entropy). The main loss tensor then carries the mode, reported as
-``eaft/mtp_weighted`` (1 or 0). Megatron logs each head's loss itself (``mtp_1 loss``, ...:
-the weighted loss in ``weighted`` mode, the cross-entropy in ``plain``).
+``plain`` (Megatron's cross-entropy; fused: the fused op's kind ``sft``). The main loss tensor
+then carries the mode, reported as ``eaft/mtp_weighted`` (1 or 0). Megatron logs each head's
+loss itself (``mtp_1 loss``, ...: the weighted loss in ``weighted`` mode, the cross-entropy in
+``plain``).
 """
 
 from __future__ import annotations
@@ -37,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -48,6 +63,7 @@ from megatron_eaft.ops import (
     fused_output_weighted_cross_entropy,
     vocab_parallel_weighted_cross_entropy,
 )
+from megatron_eaft.ops.fused_output import LocalTop1
 from megatron_eaft.ops.vocab_parallel import normalised_entropy
 from megatron_eaft.ops.weighting import confident_conflicts
 
@@ -115,11 +131,42 @@ def install_eaft_loss(model: torch.nn.Module, config: EAFTConfig) -> EAFTLossHan
     if config.fused_output or mtp_layers:
         _install_postprocess(core, config, mtp_layers)
     core._eaft_handle = handle
-    if config.kind == "sft" and not config.diagnostics:
-        return handle
-
-    tp_group = _tp_group(core)
     megatron_loss = core.compute_language_model_loss  # the class's method, bound
+    seam = megatron_loss
+    if config.kind != "sft" or config.diagnostics:
+        seam = _token_weighted_seam(core, config, megatron_loss)
+    if config.fused_output and mtp_layers:
+        seam = _deferred_mtp_heads_seam(seam, _mtp_head_config(config))
+    if seam is not megatron_loss:
+        core.compute_language_model_loss = seam
+    return handle
+
+
+def _mtp_head_config(config: EAFTConfig) -> EAFTConfig:
+    """What an MTP head's loss is: the configured weighting, or Megatron's cross-entropy."""
+    if config.mtp == "weighted":
+        return config
+    return dataclasses.replace(config, kind="sft", diagnostics=False)
+
+
+def _deferred_mtp_heads_seam(seam: Callable, head_config: EAFTConfig) -> Callable:
+    """``compute_language_model_loss`` that runs an MTP head's fused loss when given that
+    head's :class:`DeferredLogits` (fused_output), and ``seam`` on real logits."""
+
+    def compute_language_model_loss(labels: torch.Tensor, logits: Any) -> torch.Tensor:
+        if isinstance(logits, DeferredLogits):
+            return logits.loss(labels, head_config)
+        return seam(labels, logits)
+
+    return compute_language_model_loss
+
+
+def _token_weighted_seam(
+    core: torch.nn.Module, config: EAFTConfig, megatron_loss: Callable
+) -> Callable:
+    """``compute_language_model_loss`` with the token weighting (or kind sft's statistics) on
+    the logits it is given; MTP heads under ``eaft.mtp=plain`` keep ``megatron_loss``."""
+    tp_group = _tp_group(core)
 
     def plain_mtp_call(labels: torch.Tensor) -> bool:
         # Outside _postprocess (no marker) every call is the main head's.
@@ -152,15 +199,13 @@ def install_eaft_loss(model: torch.nn.Module, config: EAFTConfig) -> EAFTLossHan
         loss.eaft_stats = per_token
         return loss
 
-    core.compute_language_model_loss = (
-        sft_with_diagnostics if config.kind == "sft" else compute_language_model_loss
-    )
-    return handle
+    return sft_with_diagnostics if config.kind == "sft" else compute_language_model_loss
 
 
 def _install_postprocess(core: torch.nn.Module, config: EAFTConfig, mtp_layers: int) -> None:
     """Shadow ``_postprocess``: it marks the main head's labels (models with MTP layers) and,
-    with ``fused_output``, hands the main head to the fused processor."""
+    with ``fused_output``, hands the main head to the fused processor and defers the MTP
+    heads' logits (:class:`DeferredLogits`)."""
     postprocess = getattr(core, "_postprocess", None)
     signature = None if postprocess is None else inspect.signature(postprocess)
     needed = ("labels", "output_processor") if config.fused_output else ("labels",)
@@ -170,14 +215,15 @@ def _install_postprocess(core: torch.nn.Module, config: EAFTConfig, mtp_layers: 
             f"{what} needs a Megatron-Core GPTModel whose _postprocess takes "
             f"{' and '.join(needed)} (Megatron-Core >= 0.19); {type(core).__name__} has none"
         )
-    processor = None
+    processor = tp_group = None
     if config.fused_output:
         model_config = getattr(core, "config", None)
         if getattr(model_config, "use_mup", False):
             raise ValueError("eaft fused_output does not apply MuP's output scaling: turn one off")
         if getattr(core, "post_process", False):
             _check_fused_output_layer(core.output_layer, model_config)
-        processor = partial(fused_output_processor, eaft_config=config, tp_group=_tp_group(core))
+        tp_group = _tp_group(core)
+        processor = partial(fused_output_processor, eaft_config=config, tp_group=tp_group)
 
     def _postprocess(*args: Any, **kwargs: Any) -> Any:
         from megatron.core.inference.utils import InferenceMode
@@ -193,8 +239,17 @@ def _install_postprocess(core: torch.nn.Module, config: EAFTConfig, mtp_layers: 
         ):
             arguments["output_processor"] = processor
         core.__dict__[_MAIN_LABELS] = labels
+        # The fused main head never calls the output layer: its calls here are the MTP heads'.
+        defer = (
+            mtp_layers
+            and processor is not None
+            and arguments.get("output_processor") is processor
+            and getattr(core, "post_process", False)
+        )
+        deferring = _DeferredOutputLayer(core.output_layer, tp_group) if defer else nullcontext()
         try:
-            output = postprocess(*bound.args, **bound.kwargs)
+            with deferring:
+                output = postprocess(*bound.args, **bound.kwargs)
         finally:
             core.__dict__.pop(_MAIN_LABELS, None)
         if mtp_layers and labels is not None and torch.is_tensor(output):
@@ -277,25 +332,149 @@ def fused_output_processor(
     """GPTModel's ``output_processor``: the per-token loss [b, s] of the main head, as
     ``compute_language_model_loss`` returns it, with ``eaft_stats`` on it."""
     weight = output_layer.weight if output_weight is None else output_weight
+    per_token, _ = fused_head_loss(
+        hidden_states, output_layer, weight, labels, eaft_config, tp_group, local_top1=False
+    )
+    loss = per_token.loss
+    if eaft_config.kind != "sft" or eaft_config.diagnostics:
+        # Without diagnostics, kind sft reports what Megatron's own loss does (no statistics).
+        loss.eaft_stats = per_token
+    return loss
+
+
+def fused_head_loss(
+    hidden_states: torch.Tensor,
+    output_layer: torch.nn.Module,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    eaft_config: EAFTConfig,
+    tp_group,
+    local_top1: bool,
+) -> tuple[TokenLoss, LocalTop1 | None]:
+    """One head's output layer + loss, fused: per-token outputs [b, s] (Megatron's loss layout)
+    and, when asked, the shard-local top-1 [s, b] (the logits' layout)."""
     hidden = output_layer_input(hidden_states, output_layer, tp_group)
     main_grad, placeholder = _weight_grad_sink(weight, output_layer)
+    target = labels.transpose(0, 1).contiguous()
+    top1 = LocalTop1.empty(target.shape, hidden.dtype, hidden.device) if local_top1 else None
     out = fused_output_weighted_cross_entropy(
         hidden,
         weight,
-        labels.transpose(0, 1).contiguous(),
+        target,
         eaft_config,
         tp_group,
         chunk_tokens=eaft_config.fused_chunk_tokens or None,
         chunk_memory_bytes=eaft_config.fused_chunk_memory_mib << 20,
         main_grad=main_grad,
         main_grad_placeholder=placeholder,
+        top1_out=top1,
     )
-    per_token = TokenLoss(*(t.transpose(0, 1).contiguous() for t in out))
-    loss = per_token.loss
-    if eaft_config.kind != "sft" or eaft_config.diagnostics:
-        # Without diagnostics, kind sft reports what Megatron's own loss does (no statistics).
-        loss.eaft_stats = per_token
-    return loss
+    return TokenLoss(*(t.transpose(0, 1).contiguous() for t in out)), top1
+
+
+class DeferredLogits:
+    """What the output layer gives an MTP head under ``fused_output``: the head's input and
+    weight instead of its logits [s, b, V/TP].
+
+    Megatron's ``process_mtp_loss`` hands it to ``compute_language_model_loss``, which runs the
+    head's fused loss (:meth:`loss`) and keeps each token's shard-local top-1; Megatron-Core
+    >= 0.19 then derives the head's acceptance counts from the logits' top-1 only: ``max(dim=-1)``
+    of vocab-sharded logits (``_vocab_parallel_argmax``), ``torch.argmax(dim=-1)`` at TP 1. Those
+    are answered from what the loss kept; any other use of the logits raises, naming it.
+    """
+
+    def __init__(self, hidden_states: torch.Tensor, weight: torch.Tensor, output_layer, tp_group):
+        self.hidden_states = hidden_states
+        self.weight = weight
+        self.output_layer = output_layer
+        self.tp_group = tp_group
+        self.top1: LocalTop1 | None = None
+
+    def loss(self, labels: torch.Tensor, config: EAFTConfig) -> torch.Tensor:
+        """The head's per-token loss [b, s], as ``compute_language_model_loss`` returns it."""
+        per_token, self.top1 = fused_head_loss(
+            self.hidden_states, self.output_layer, self.weight, labels, config, self.tp_group, True
+        )
+        return per_token.loss
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.size()
+
+    def size(self, dim: int | None = None):
+        rows, batch = self.hidden_states.shape[:2]
+        if getattr(self.output_layer, "sequence_parallel", False):
+            rows *= torch.distributed.get_world_size(self.tp_group)
+        shape = torch.Size((rows, batch, self.weight.size(0)))
+        return shape if dim is None else shape[dim]
+
+    def max(self, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``logits.max(dim=-1)`` on this rank's vocabulary shard: (values, columns) [s, b]."""
+        return tuple(self._top1(dim, "max"))
+
+    def argmax(self, dim: int) -> torch.Tensor:
+        """``torch.argmax(logits, dim=-1)``: the vocabulary id of each token's top logit."""
+        top1 = self._top1(dim, "argmax")
+        world = torch.distributed.get_world_size(self.tp_group)
+        if world == 1:
+            return top1.indices
+        # Logits Megatron takes as gathered over TP: its own reduction of the shards' top-1.
+        from megatron.core.transformer.multi_token_prediction import _vocab_parallel_argmax
+
+        return _vocab_parallel_argmax(self, self.tp_group, world)
+
+    def _top1(self, dim: int, operation: str) -> LocalTop1:
+        if dim not in (-1, 2):
+            self._unsupported(f"{operation}(dim={dim})")
+        if self.top1 is None:
+            self._unsupported(f"{operation} before compute_language_model_loss")
+        return self.top1
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.argmax, torch.Tensor.argmax) and isinstance(args[0], cls):
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            return args[0].argmax(dim)
+        cls._unsupported(getattr(func, "__name__", str(func)))
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        self._unsupported(f".{name}", AttributeError)
+
+    @staticmethod
+    def _unsupported(operation: str, error: type[Exception] = TypeError):
+        raise error(
+            f"eaft fused_output: Megatron used an MTP head's logits for {operation}, but the "
+            "fused path computes no logits (it keeps the loss and each token's top-1); this "
+            "Megatron-Core version needs eaft.fused_output=false with MTP layers"
+        )
+
+
+class _DeferredOutputLayer:
+    """While entered, the output layer's forward (instance attribute, put back on exit) returns
+    a :class:`DeferredLogits` for its input and weight, ColumnParallelLinear's
+    ``(output, bias)`` pair with no bias."""
+
+    def __init__(self, output_layer: torch.nn.Module, tp_group):
+        self.output_layer = output_layer
+        self.tp_group = tp_group
+        self.shadowed = None
+
+    def forward(self, input_: torch.Tensor, weight: torch.Tensor | None = None, **unused: Any):
+        weight = self.output_layer.weight if weight is None else weight
+        return DeferredLogits(input_, weight, self.output_layer, self.tp_group), None
+
+    def __enter__(self) -> None:
+        self.shadowed = self.output_layer.__dict__.get("forward")
+        self.output_layer.forward = self.forward
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.shadowed is None:
+            del self.output_layer.forward
+        else:
+            self.output_layer.forward = self.shadowed
 
 
 def installed_config(model: torch.nn.Module) -> EAFTConfig | None:

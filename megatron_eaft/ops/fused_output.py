@@ -24,6 +24,10 @@ would re-read and re-write the whole fp32 weight gradient once per chunk, which 
 the GEMM itself at small chunks. ``grad_hidden`` is this rank's partial sum over its vocabulary
 shard; the caller reduces it over TP as ColumnParallelLinear's backward does.
 
+Given a ``top1_out`` buffer, the forward also writes each token's shard-local top-1 logit and
+its column there (what ``logits.max(dim=-1)`` gives on this rank's shard), O(T): Megatron
+derives its MTP acceptance counts from them.
+
 Extra memory: O(C x V/TP) for one chunk's logits (a backward block holds as many), plus, during
 backward, an fp32 ``[T, h]`` hidden-gradient accumulator and, for a weight without a
 ``main_grad``, an fp32 weight-sized one.
@@ -32,6 +36,7 @@ backward, an fp32 ``[T, h]`` hidden-gradient accumulator and, for a weight witho
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -54,6 +59,22 @@ from megatron_eaft.ops.vocab_parallel import (
 DEFAULT_CHUNK_MEMORY_BYTES = 1 << 30
 
 WeightGradPlaceholder = Callable[[torch.Tensor], torch.Tensor | None]
+
+
+class LocalTop1(NamedTuple):
+    """Per position, over this rank's vocabulary shard: ``logits.max(dim=-1)`` of the unfused
+    logits (the largest logit, in the logits' dtype, and its column in the shard)."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+
+    @classmethod
+    def empty(cls, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> LocalTop1:
+        """A buffer for ``top1_out``: ``shape`` the labels', ``dtype`` the logits'."""
+        return cls(
+            torch.empty(shape, dtype=dtype, device=device),
+            torch.empty(shape, dtype=torch.long, device=device),
+        )
 
 
 def chunk_tokens_for_budget(budget_bytes: int, partition_vocab: int, dtype: torch.dtype) -> int:
@@ -150,6 +171,7 @@ class _FusedOutputWeightedCrossEntropy(torch.autograd.Function):
         chunk_tokens: int,
         main_grad: torch.Tensor | None,
         main_grad_placeholder: WeightGradPlaceholder,
+        top1_out: LocalTop1 | None,
     ):
         fn = _FusedOutputWeightedCrossEntropy
         _, world = group_rank_and_size(tp_group)
@@ -171,6 +193,8 @@ class _FusedOutputWeightedCrossEntropy(torch.autograd.Function):
         for start in range(0, tokens, chunk_tokens):
             rows = slice(start, min(start + chunk_tokens, tokens))
             logits = fn.chunk_logits(hidden[rows], weight)
+            if top1_out is not None:  # before the softmax pass, which may work on logits in place
+                top1_out.values[rows], top1_out.indices[rows] = logits.max(dim=-1)
             softmax, chunk_entropy = fn.chunk_forward(logits, target[rows], config, tp_group)
             del logits
             ce[rows] = softmax.ce
@@ -236,7 +260,7 @@ class _FusedOutputWeightedCrossEntropy(torch.autograd.Function):
                 grad_weight = ctx.main_grad_placeholder(weight)
             else:
                 grad_weight = accumulator.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 def fused_output_weighted_cross_entropy(
@@ -250,6 +274,7 @@ def fused_output_weighted_cross_entropy(
     chunk_memory_bytes: int = DEFAULT_CHUNK_MEMORY_BYTES,
     main_grad: torch.Tensor | None = None,
     main_grad_placeholder: WeightGradPlaceholder = _no_placeholder,
+    top1_out: LocalTop1 | None = None,
 ) -> TokenLoss:
     """Per-token EAFT (or baseline) loss of ``hidden @ weight^T`` without the full logits.
 
@@ -264,6 +289,8 @@ def fused_output_weighted_cross_entropy(
         main_grad: an fp32 tensor the weight gradient is added into (Megatron's
             gradient-accumulation fusion); the weight's returned gradient is then
             ``main_grad_placeholder(weight)``.
+        top1_out: optional :meth:`LocalTop1.empty` of target's shape, filled with each
+            position's shard-local top-1 logit and column (``logits.max(dim=-1)``).
 
     The returned ``grad`` of ``hidden`` is this rank's partial sum over its vocabulary shard.
     """
@@ -288,6 +315,14 @@ def fused_output_weighted_cross_entropy(
             f"main_grad {tuple(main_grad.shape)} does not match the weight {tuple(weight.shape)}"
         )
     mask_1d = None if loss_mask is None else loss_mask.reshape(-1)
+    top1_1d = None
+    if top1_out is not None:
+        if top1_out.values.shape != target.shape or top1_out.values.dtype != hidden.dtype:
+            raise ValueError(
+                f"top1_out holds {top1_out.values.dtype} {tuple(top1_out.values.shape)}, not "
+                f"the logits' {hidden.dtype} in the labels' shape {tuple(target.shape)}"
+            )
+        top1_1d = LocalTop1(*(t.view(-1) for t in top1_out))
     outputs = _FusedOutputWeightedCrossEntropy.apply(
         hidden_2d,
         weight,
@@ -298,5 +333,6 @@ def fused_output_weighted_cross_entropy(
         chunk_tokens,
         main_grad,
         main_grad_placeholder,
+        top1_1d,
     )
     return TokenLoss(*(t.view(target.shape) for t in outputs))

@@ -87,6 +87,19 @@ def _compare_paths(tp: int) -> list[dict]:
     return results
 
 
+def assert_same_stats(got, expected, label: str) -> None:
+    """Per-token statistics (TokenLoss) of the two paths, fp32 to 1e-5."""
+    for name in expected._fields:
+        torch.testing.assert_close(
+            getattr(got, name),
+            getattr(expected, name),
+            rtol=1e-5,
+            atol=1e-5,
+            equal_nan=True,
+            msg=f"{name} {label}",
+        )
+
+
 def assert_grad_close(got: torch.Tensor, expected: torch.Tensor, label: str) -> None:
     """fp32 to 1e-5 of the gradient's scale: the chunked GEMMs sum in another order, and
     the difference goes through the whole network's backward."""
@@ -104,15 +117,7 @@ def test_fused_output_equals_the_unfused_seam(dist, tp):
             )
             assert (fused["stats"] is None) == (unfused["stats"] is None), label
             if unfused["stats"] is not None:
-                for name in unfused["stats"]._fields:
-                    torch.testing.assert_close(
-                        getattr(fused["stats"], name),
-                        getattr(unfused["stats"], name),
-                        rtol=1e-5,
-                        atol=1e-5,
-                        equal_nan=True,
-                        msg=f"{name} {label}",
-                    )
+                assert_same_stats(fused["stats"], unfused["stats"], label)
             assert fused["grads"].keys() == unfused["grads"].keys()
             for name, grad in unfused["grads"].items():
                 assert_grad_close(fused["grads"][name], grad, f"{name} {label}")

@@ -6,8 +6,10 @@ logits of the converted checkpoint against a reference MTP forward built from
 transformers' own modules loaded with the HF MTP weights (tests/mtp/reference.py), fp32 within
 1e-4, the main logits unchanged; HF -> Megatron -> HF bit-exact with the MTP tensors converted
 (GLM's copies of the embedding and output layer carried, tested in tests/glm4_moe_lite); the
-MTP losses of both ``eaft.mtp`` modes; a two-step `finetune` of a Qwen3.5 with MTP. Three pool
-jobs of one rank.
+MTP losses of both ``eaft.mtp`` modes; a two-step `finetune` of a Qwen3.5 with MTP; with
+``eaft.fused_output`` the MTP head fused as well (the output layer never runs), against the
+unfused path at TP1 and TP2 with sequence parallelism: the losses, statistics, Megatron's MTP
+loss and acceptance counts, every gradient.
 """
 
 from __future__ import annotations
@@ -348,8 +350,8 @@ def test_a_glm_copy_that_differs_is_carried_as_it_is(tmp_path, caplog):
 
 @pytest.mark.slow  # two 2-step finetune runs (~20-25 s)
 def test_fused_output_with_an_mtp_layer_gives_the_unfused_steps(dist, checkpoints, tmp_path):
-    # The main head fused (chunks of 24 tokens do not divide the 64-token rows), the MTP head
-    # through the unfused seam: the same losses, MTP loss and gradient norms as unfused.
+    # Both heads fused (chunks of 24 tokens do not divide the 64-token rows): the same losses,
+    # MTP loss and gradient norms as unfused.
     data = helpers.write_sft_dataset(tmp_path / "data", packing="pad")
     checkpoint = checkpoints[1]["qwen3_5"].megatron_dir
     fused_overrides = ("eaft.fused_output=true", "eaft.fused_chunk_tokens=24", "eaft.mtp=weighted")
@@ -390,3 +392,155 @@ def test_an_mtp_model_at_pp2_gives_the_pp1_steps(dist, checkpoints, tmp_path):
     pp2 = dist.run(two_steps, 2, checkpoint, data, "parallel.pipeline=2")[-1]
     assert all("mtp_1 loss" in step["reports"] for step in pp2)
     helpers.assert_same_steps(pp2, pp1)
+
+
+# -- eaft.fused_output with MTP heads --------------------------------------------------------------
+
+FUSED_CHUNK_TOKENS = 7  # does not divide the 20 tokens of a micro-batch
+# Megatron's MTPLossLoggingHelper.tracker: per head, the loss logged as `mtp_1 loss` and the
+# acceptance counts.
+MTP_TRACKER_KEYS = ("loss_values", "correct_values", "total_values")
+
+
+def fused_and_unfused_mtp(megatron_dir: str, input_ids: torch.Tensor, tp: int) -> dict:
+    """Rank function: one training-mode forward and backward per eaft.mtp mode, unfused and
+    fused (TP > 1: with sequence parallelism): the main loss and statistics, Megatron's MTP
+    tracker (each head's loss, acceptance counts), every gradient; and, fused, whether the
+    output layer ran and the largest logits block the fused op formed."""
+    from unittest import mock
+
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    from megatron_eaft.megatron import cpu_runtime
+    from megatron_eaft.megatron.loss import install_eaft_loss
+    from megatron_eaft.models import ParallelLayout, build_model, load_model_weights
+    from megatron_eaft.models.bridge_config import read_model_metadata
+    from megatron_eaft.ops import EAFTConfig
+    from megatron_eaft.ops.fused_output import _FusedOutputWeightedCrossEntropy as Fused
+
+    cpu_runtime.initialize_parallel(tp=tp)
+    metadata = read_model_metadata(megatron_dir)
+    layout = ParallelLayout(tensor=tp, sequence_parallel=tp > 1)
+    model = build_model(metadata, layout, dtype=torch.float32, transformer_impl="local")
+    load_model_weights(model, megatron_dir)
+    labels = _labels_the_mtp_head_sometimes_predicts(model, input_ids)
+    model.train()
+    loss_mask = torch.ones_like(labels, dtype=torch.float32)
+    loss_mask[0, :3] = 0  # a prompt: the MTP heads see it rolled
+    position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids)
+    output_layer_calls = []
+    logits_sizes = []
+
+    def output_layer_forward(layer, *args, **kwargs):
+        if layer is model.output_layer:
+            output_layer_calls.append(tuple(args[0].shape))
+        return original_forward(layer, *args, **kwargs)
+
+    def chunk_logits(hidden, weight):
+        logits = original_chunk_logits(hidden, weight)
+        logits_sizes.append(logits.numel())
+        return logits
+
+    original_forward, original_chunk_logits = ColumnParallelLinear.forward, Fused.chunk_logits
+    results = {}
+    for mode in ("weighted", "plain"):
+        for fused in (False, True):
+            config = EAFTConfig(
+                kind="eaft",
+                topk=8,
+                mtp=mode,
+                fused_output=fused,
+                fused_chunk_tokens=FUSED_CHUNK_TOKENS,
+            )
+            handle = install_eaft_loss(model, config)
+            MTPLossLoggingHelper.clean_metrics_in_tracker()
+            model.zero_grad(set_to_none=True)
+            output_layer_calls.clear()
+            logits_sizes.clear()
+            with (
+                mock.patch.object(ColumnParallelLinear, "forward", output_layer_forward),
+                mock.patch.object(Fused, "chunk_logits", staticmethod(chunk_logits)),
+            ):
+                loss = model(input_ids, position_ids, None, labels=labels, loss_mask=loss_mask)
+                (loss * loss_mask).sum().backward()
+            handle.remove()
+            tracker = MTPLossLoggingHelper.tracker
+            stats = loss.eaft_stats
+            results[(mode, fused)] = {
+                "loss": loss.detach(),
+                "stats": stats._replace(loss=stats.loss.detach()),
+                "mtp": {k: tracker[k].clone() for k in MTP_TRACKER_KEYS},
+                "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+                "output_layer_calls": list(output_layer_calls),
+                "largest_logits": max(logits_sizes, default=0),
+            }
+    results["partition_vocab"] = model.output_layer.weight.size(0)
+    return results
+
+
+def _labels_the_mtp_head_sometimes_predicts(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token labels where, at every other position, the MTP head's top-1 is right (a
+    random model's never is), so that the acceptance counts are neither all nor none."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    model.eval()
+    captured = []
+    hook = model.output_layer.register_forward_hook(lambda m, a, out: captured.append(out[0]))
+    position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids)
+    with torch.no_grad():
+        model(input_ids, position_ids, None)  # without labels: the MTP head first, then the main
+    hook.remove()
+    predicted = gather_from_tensor_model_parallel_region(captured[0]).argmax(-1).t()  # [b, s]
+    labels = torch.roll(input_ids, -1, dims=1)
+    # The MTP head at position i predicts labels[:, i + 1].
+    labels[:, 1::2] = predicted[:, 0:-1:2]
+    return labels
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_fused_output_fuses_the_mtp_heads_too(dist, checkpoints, tp):
+    from tests.megatron.test_fused_seam import assert_grad_close, assert_same_stats
+
+    input_ids, made = checkpoints
+    directory = str(made["qwen3_5"].megatron_dir)
+    for results in dist.run(fused_and_unfused_mtp, tp, directory, input_ids, tp):
+        bound = FUSED_CHUNK_TOKENS * results.pop("partition_vocab")
+        for mode in ("weighted", "plain"):
+            unfused, fused = results[(mode, False)], results[(mode, True)]
+            label = f"eaft.mtp={mode} TP={tp}"
+            # Unfused, the output layer ran for the MTP head and the main head; fused, never,
+            # and no logits block the fused op formed outgrew one chunk's C x V/TP.
+            assert len(unfused["output_layer_calls"]) == 2, label
+            assert fused["output_layer_calls"] == [], label
+            assert 0 < fused["largest_logits"] <= bound, label
+            torch.testing.assert_close(fused["loss"], unfused["loss"], rtol=1e-5, atol=1e-5)
+            assert_same_stats(fused["stats"], unfused["stats"], label)
+            # Megatron's tracker: `mtp_1 loss` and the acceptance counts.
+            correct, total = unfused["mtp"]["correct_values"], unfused["mtp"]["total_values"]
+            assert 0 < correct.item() < total.item(), label
+            torch.testing.assert_close(
+                fused["mtp"]["loss_values"], unfused["mtp"]["loss_values"], rtol=1e-5, atol=1e-5
+            )
+            for key in ("correct_values", "total_values"):
+                assert torch.equal(fused["mtp"][key], unfused["mtp"][key]), (key, label)
+            assert fused["grads"].keys() == unfused["grads"].keys()
+            for name, grad in unfused["grads"].items():
+                assert_grad_close(fused["grads"][name], grad, f"{name} {label}")
+        # The modes differ on the MTP head only.
+        weighted, plain = results[("weighted", False)], results[("plain", False)]
+        assert torch.equal(weighted["loss"], plain["loss"])
+        assert not torch.allclose(weighted["mtp"]["loss_values"], plain["mtp"]["loss_values"])
+
+
+def test_deferred_logits_refuse_what_they_cannot_answer():
+    from megatron_eaft.megatron.loss import DeferredLogits
+
+    logits = DeferredLogits(torch.zeros(3, 2, 4), torch.zeros(5, 4), torch.nn.Linear(4, 5), None)
+    assert logits.size(-1) == 5 and logits.shape == (3, 2, 5)
+    with pytest.raises(TypeError, match="max before compute_language_model_loss"):
+        logits.max(dim=-1)
+    with pytest.raises(TypeError, match="softmax, but the fused path computes no logits"):
+        torch.softmax(logits, -1)
+    with pytest.raises(AttributeError, match=r"for \.float, but"):
+        logits.float()

@@ -1,6 +1,7 @@
 """The fused output-layer loss against the unfused one (output matmul, then the vocab-parallel
 loss on the logits) at TP = 1, 2, 4: every kind, both entropy modes, fp32 and bf16, chunk sizes
-that do not divide the token count, masked and all-masked batches, main_grad accumulation.
+that do not divide the token count, masked and all-masked batches, main_grad accumulation; and
+the shard-local top-1 it keeps on request against ``max(dim=-1)`` of the logits.
 
 One pool job per TP size runs every case and returns what the test compares.
 """
@@ -14,6 +15,7 @@ import torch
 
 from megatron_eaft.ops import EAFTConfig, vocab_parallel_weighted_cross_entropy
 from megatron_eaft.ops.fused_output import (
+    LocalTop1,
     chunk_tokens_for_budget,
     fused_output_weighted_cross_entropy,
 )
@@ -95,7 +97,33 @@ def _run_cases() -> list[dict]:
                     "got": got,
                 }
             )
-    return results
+    return results, _top1_cases(group, rank, world)
+
+
+def _top1_cases(group, rank: int, world: int) -> list[dict]:
+    """The shard-local top-1 (for Megatron's MTP acceptance counts) against ``max(dim=-1)`` of
+    the unfused logits, and the loss it comes with against the plain fused call."""
+    config = all_configs(topk=5)[0]
+    cases = []
+    for dtype in DTYPES:
+        hidden, weight, labels, loss_mask, _ = make_output_case(0, dtype, "some")
+        shard = weight.chunk(world, dim=0)[rank].contiguous()
+        top1 = LocalTop1.empty(labels.shape, dtype, hidden.device)
+        loss = fused_output_weighted_cross_entropy(
+            hidden, shard, labels, config, group, loss_mask, chunk_tokens=CHUNKS[0], top1_out=top1
+        )
+        plain = fused_output_weighted_cross_entropy(
+            hidden, shard, labels, config, group, loss_mask, chunk_tokens=CHUNKS[0]
+        )
+        cases.append(
+            {
+                "label": f"top1 {dtype} TP={world}",
+                "top1": top1,
+                "expected": (hidden @ shard.t()).max(dim=-1),
+                "same_loss": all(torch.equal(a, b) for a, b in zip(loss, plain, strict=True)),
+            }
+        )
+    return cases
 
 
 def _assert_matches(case: dict) -> None:
@@ -131,10 +159,19 @@ def _assert_matches(case: dict) -> None:
 
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_fused_equals_unfused_for_every_case(dist, world):
-    per_rank = dist.run(_run_cases, world)
+    per_rank_results = dist.run(_run_cases, world)
+    per_rank = [cases for cases, _ in per_rank_results]
     for rank_results in per_rank:
         for case in rank_results:
             _assert_matches(case)
+    for _, top1_cases in per_rank_results:
+        for case in top1_cases:
+            assert case["same_loss"], case["label"]
+            assert torch.equal(case["top1"].indices, case["expected"].indices), case["label"]
+            assert case["top1"].values.dtype == case["expected"].values.dtype, case["label"]
+            torch.testing.assert_close(
+                case["top1"].values, case["expected"].values, rtol=1e-5, atol=1e-5
+            )
     for case_index, case in enumerate(per_rank[0]):
         for other in per_rank[1:]:
             for name in FIELDS:
@@ -173,6 +210,14 @@ def test_shape_errors_are_named():
     with pytest.raises(ValueError, match="disagree on the number of positions"):
         fused_output_weighted_cross_entropy(
             torch.randn(4, 8), torch.randn(16, 8), torch.zeros(5, dtype=torch.long), config
+        )
+    with pytest.raises(ValueError, match="in the labels' shape"):
+        fused_output_weighted_cross_entropy(
+            torch.randn(4, 8),
+            torch.randn(16, 8),
+            torch.zeros(4, dtype=torch.long),
+            config,
+            top1_out=LocalTop1.empty(torch.Size([5]), torch.float32, torch.device("cpu")),
         )
     with pytest.raises(ValueError, match="chunk_tokens=0"):
         fused_output_weighted_cross_entropy(
