@@ -266,6 +266,8 @@ def apply_bridge_cpu_patches() -> None:
     when it counts a CUDA device; and the start-up "compiles" the dataset helpers with
     ``make``, which needs the Makefile the wheel leaves out (it ships them compiled). The
     fused-kernel warm-up is skipped as for Megatron-LM (CPU runs switch those fusions off).
+    Bridge's MoE providers pick Megatron-Core's all-to-all token dispatcher, whose split sizes
+    reach gloo as tensors on CPU (:func:`_alltoall_split_sizes_as_on_gpu`).
     The run itself still needs the CPU settings: gloo, the local layer spec and attention
     backend, fusions off, fp32 (see ``tests/adapters/test_bridge_finetune.py``).
     """
@@ -280,7 +282,31 @@ def apply_bridge_cpu_patches() -> None:
     initialize._set_random_seed = _seeding_cpu_rng_tracker(initialize._set_random_seed)
     initialize.compile_helpers = _compile_dataset_helpers_if_missing(initialize.compile_helpers)
     setup.set_jit_fusion_options = _skip_bridge_jit_warm_up
+    _alltoall_split_sizes_as_on_gpu()
     _BRIDGE_PATCHED = True
+
+
+def _alltoall_split_sizes_as_on_gpu() -> None:
+    """Give the all-to-all token dispatcher (expert or tensor parallel MoE) its split sizes
+    as the numpy arrays it has on a GPU.
+
+    ``MoEAlltoAllTokenDispatcher`` counts the tokens per rank on the device and turns the
+    counts into numpy with ``moe_utils.maybe_move_tensor_to_cpu(..., as_numpy=True)``, which
+    converts only CUDA tensors. On CPU the counts stay tensors, and ``all_to_all_single``
+    refuses tensors as split sizes (TypeError; gloo itself runs uneven all-to-all). Measured on
+    Bridge's Qwen3.5-MoE provider at TP2 with sequence parallelism and EP2.
+    """
+    from megatron.core.transformer.moe import token_dispatcher
+
+    move_to_cpu = token_dispatcher.maybe_move_tensor_to_cpu
+
+    @functools.wraps(move_to_cpu)
+    def move_as_on_gpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return move_to_cpu(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = move_as_on_gpu
 
 
 def _provide_resiliency_ext_call_wrapper() -> None:

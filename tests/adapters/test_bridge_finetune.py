@@ -11,6 +11,7 @@ rate 0 is our trained model.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -42,10 +43,36 @@ EAFT_KEYS = ("eaft loss", "eaft/mean_weight", "eaft/mean_entropy", "eaft/confide
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "bridge"
 GLM4_EXAMPLE = EXAMPLES / "glm4_eaft_sft.py"
 AUTOBRIDGE_EXAMPLE = EXAMPLES / "autobridge_eaft_sft.py"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A two-rank layout of the AutoBridge example's run (its ``--tp`` / ``--ep`` /
+    ``--sequence-parallel``); the ranks left over are data-parallel."""
+
+    tp: int
+    ep: int = 1
+    sequence_parallel: bool = False
+
+    def args(self) -> list[str]:
+        return [
+            *("--tp", str(self.tp), "--ep", str(self.ep)),
+            *(["--sequence-parallel"] if self.sequence_parallel else []),
+        ]
+
+
 # The families Bridge converts but has no SFT recipe for, through the AutoBridge example: dense
 # Qwen3.5 at TP2 (its Gated-DeltaNet output norm's gradient summed over TP by our CPU norm), the
-# MoE families at TP1 / EP1 (MoE at TP > 1 needs sequence parallelism, not tried here).
-AUTOBRIDGE_TP = {"qwen3_5": 2, "qwen3_5_moe": 1, "glm4_moe_lite": 1}
+# MoE families at TP1 / EP1 with two data-parallel ranks, and as Bridge's MoE recipes lay them
+# out (Qwen3-MoE's SFT recipes: TP with sequence parallelism, experts spread over EP, expert TP
+# 1): TP2 with sequence parallelism (Megatron-Core trains MoE at TP > 1 only with it) and EP2.
+AUTOBRIDGE_RUNS = {
+    "qwen3_5-TP2": ("qwen3_5", Layout(tp=2)),
+    "qwen3_5_moe-DP2": ("qwen3_5_moe", Layout(tp=1)),
+    "glm4_moe_lite-DP2": ("glm4_moe_lite", Layout(tp=1)),
+    "qwen3_5_moe-TP2-SP-EP2": ("qwen3_5_moe", Layout(tp=2, ep=2, sequence_parallel=True)),
+    "glm4_moe_lite-TP2-SP-EP2": ("glm4_moe_lite", Layout(tp=2, ep=2, sequence_parallel=True)),
+}
 
 
 @pytest.fixture(scope="module")
@@ -255,8 +282,8 @@ def _glm4_job(paths: dict[str, str], input_ids: torch.Tensor) -> dict:
     return _finetune(cfg, enable_eaft(cfg, eaft_config_from_args(args)), input_ids)
 
 
-def _autobridge_job(paths: dict[str, str], input_ids: torch.Tensor) -> dict:
-    """Per family: the README's AutoBridge example command, scaled down, with kind eaft."""
+def _autobridge_job(paths: dict[str, str], run: str, input_ids: torch.Tensor) -> dict:
+    """One family and layout: the README's AutoBridge example command, scaled down, kind eaft."""
     bridge_support.import_bridge()
     from megatron_eaft.megatron import cpu_runtime
 
@@ -265,20 +292,19 @@ def _autobridge_job(paths: dict[str, str], input_ids: torch.Tensor) -> dict:
     from megatron_eaft.megatron.megatron_lm import eaft_config_from_args
 
     example = _example(AUTOBRIDGE_EXAMPLE)
-    results = {}
-    for family, tp in AUTOBRIDGE_TP.items():
-        save = str(Path(paths["root"]) / f"{family}_eaft")
-        args = example.parse_args(
-            [
-                *("--hf", paths[f"{family}_hf"]),
-                *("--megatron-checkpoint", paths[f"{family}_megatron"]),
-                *_scaled_down_run(paths, save, tp),
-            ]
-        )
-        cfg = example.autobridge_sft_config(args)
-        _cpu_run_settings(cfg, save, tp)
-        results[family] = _finetune(cfg, enable_eaft(cfg, eaft_config_from_args(args)), input_ids)
-    return results
+    family, layout = AUTOBRIDGE_RUNS[run]
+    save = str(Path(paths["root"]) / f"{run}_eaft")
+    args = example.parse_args(
+        [
+            *("--hf", paths[f"{family}_hf"]),
+            *("--megatron-checkpoint", paths[f"{family}_megatron"]),
+            *_scaled_down_run(paths, save, layout.tp),
+            *layout.args(),
+        ]
+    )
+    cfg = example.autobridge_sft_config(args)
+    _cpu_run_settings(cfg, save, layout.tp)
+    return _finetune(cfg, enable_eaft(cfg, eaft_config_from_args(args)), input_ids)
 
 
 # ---- the tests -----------------------------------------------------------------------------
@@ -384,26 +410,31 @@ def test_a_megatron_eaft_finetune_checkpoint_is_a_bridge_pretrained_checkpoint(
 
 
 @pytest.mark.slow
-def test_qwen3_5_and_glm4_7_flash_our_conversion_bridge_finetune_our_export(bridge_dist, tiny_run):
-    """Qwen3.5 (TP=2), Qwen3.5-MoE and GLM-4.7-Flash (TP=1, EP=1, DP=2): ``convert import`` ->
-    ``examples/bridge/autobridge_eaft_sft.py``'s config with kind eaft -> ``convert export``."""
-    vocab = read_model_metadata(tiny_run["qwen3_5_megatron"]).vocab_size
+@pytest.mark.parametrize("run", AUTOBRIDGE_RUNS)
+def test_qwen3_5_and_glm4_7_flash_our_conversion_bridge_finetune_our_export(
+    bridge_dist, tiny_run, run
+):
+    """Qwen3.5 (TP=2), Qwen3.5-MoE and GLM-4.7-Flash (TP=1 with DP=2; TP=2 with sequence
+    parallelism and EP=2): ``convert import`` -> ``examples/bridge/autobridge_eaft_sft.py``'s
+    config with kind eaft -> ``convert export``."""
+    family, layout = AUTOBRIDGE_RUNS[run]
+    vocab = read_model_metadata(tiny_run[f"{family}_megatron"]).vocab_size
     input_ids = verify.sample_inputs(vocab, batch=2, seq_len=12, seed=10)
-    results = bridge_dist.run(_autobridge_job, 2, _paths(tiny_run), input_ids, timeout=900)[0]
+    result = bridge_dist.run(_autobridge_job, 2, _paths(tiny_run), run, input_ids, timeout=900)[0]
 
-    assert results.keys() == AUTOBRIDGE_TP.keys()
-    for family, result in results.items():
-        reports = result["reports"]
-        assert len(reports) == ITERATIONS, family
-        assert all(set(EAFT_KEYS) <= step.keys() for step in reports), family
-        assert all(torch.isfinite(torch.tensor(step["lm loss"])) for step in reports), family
-        assert any(step["eaft/mean_weight"] < 1.0 for step in reports), family
-        save_dir = tiny_run["root"] / f"{family}_eaft"
-        run_config = read_bridge_run_config(save_dir / f"iter_{ITERATIONS:07d}")
-        assert run_config["model"]["tensor_model_parallel_size"] == AUTOBRIDGE_TP[family]
-        assert read_model_metadata(save_dir).family == family
-        out = tiny_run["root"] / f"{family}_export"
-        _export_equals_final_model(save_dir, out, input_ids, result["logits"])
-        original = verify.hf_logits(tiny_run[f"{family}_hf"], input_ids)
-        trained = verify.hf_logits(out, input_ids)
-        assert (original - trained).abs().max() > 1e-3, f"{family}: Bridge's steps changed nothing"
+    reports = result["reports"]
+    assert len(reports) == ITERATIONS
+    assert all(set(EAFT_KEYS) <= step.keys() for step in reports)
+    assert all(torch.isfinite(torch.tensor(step["lm loss"])) for step in reports)
+    assert any(step["eaft/mean_weight"] < 1.0 for step in reports)
+    save_dir = tiny_run["root"] / f"{run}_eaft"
+    saved = read_bridge_run_config(save_dir / f"iter_{ITERATIONS:07d}")["model"]
+    assert saved["tensor_model_parallel_size"] == layout.tp
+    assert saved["expert_model_parallel_size"] == layout.ep
+    assert saved["sequence_parallel"] == layout.sequence_parallel
+    assert read_model_metadata(save_dir).family == family
+    out = tiny_run["root"] / f"{run}_export"
+    _export_equals_final_model(save_dir, out, input_ids, result["logits"])
+    original = verify.hf_logits(tiny_run[f"{family}_hf"], input_ids)
+    trained = verify.hf_logits(out, input_ids)
+    assert (original - trained).abs().max() > 1e-3, "Bridge's steps changed nothing"
