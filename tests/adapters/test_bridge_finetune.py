@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import torch
 
 from megatron_eaft.convert import verify
 from megatron_eaft.convert.engine import export_megatron_checkpoint, import_hf_checkpoint
+from megatron_eaft.diagnostics.run_logs import read_tensorboard
 from megatron_eaft.models.bridge_config import (
     metadata_from_bridge_run_config,
     read_bridge_run_config,
@@ -31,6 +33,7 @@ from tests.adapters import bridge_support
 from tests.convert import tiny_models
 from tests.glm4 import glm4_models
 from tests.glm4_moe_lite import glm4_moe_lite_models
+from tests.mtp.test_mtp import main_and_mtp_logits
 from tests.qwen3_5 import qwen3_5_models
 from tests.qwen3_5_moe import qwen3_5_moe_models
 from tests.train import helpers as train_helpers
@@ -66,8 +69,10 @@ class Layout:
 # MoE families at TP1 / EP1 with two data-parallel ranks, and as Bridge's MoE recipes lay them
 # out (Qwen3-MoE's SFT recipes: TP with sequence parallelism, experts spread over EP, expert TP
 # 1): TP2 with sequence parallelism (Megatron-Core trains MoE at TP > 1 only with it) and EP2.
+# And Qwen3.5 with its MTP layer (on CPU through cpu_runtime's local MTP block for Bridge).
 AUTOBRIDGE_RUNS = {
     "qwen3_5-TP2": ("qwen3_5", Layout(tp=2)),
+    "qwen3_5_mtp-TP2": ("qwen3_5_mtp", Layout(tp=2)),
     "qwen3_5_moe-DP2": ("qwen3_5_moe", Layout(tp=1)),
     "glm4_moe_lite-DP2": ("glm4_moe_lite", Layout(tp=1)),
     "qwen3_5_moe-TP2-SP-EP2": ("qwen3_5_moe", Layout(tp=2, ep=2, sequence_parallel=True)),
@@ -93,15 +98,17 @@ def tiny_run(tmp_path_factory) -> dict[str, Path]:
     qwen3 = tiny_models.Case(
         "Qwen3ForCausalLM", {"tie_word_embeddings": False, "head_dim": 24, "vocab_size": vocab}
     )
+    mtp_config = qwen3_5_models.text_config(vocab_size=vocab, mtp_num_hidden_layers=1)
+    mtp_heads = {"qwen3_5_mtp": qwen3_5_models.mtp_head(mtp_config, seed=9)}
     models = {
         "qwen3": tiny_models.random_model(tiny_models.hf_config(qwen3), seed=3),
         "glm4": glm4_models.random_hf_model(
             glm4_models.tiny_hf_config(vocab_size=vocab, num_hidden_layers=2), seed=4
         ),
-        # Without MTP layers: Bridge's MTP path is not part of this round trip.
         "qwen3_5": qwen3_5_models.random_model(
             qwen3_5_models.text_config(vocab_size=vocab), seed=5
         ),
+        "qwen3_5_mtp": qwen3_5_models.random_model(mtp_config, seed=8),
         "qwen3_5_moe": tiny_models.random_model(
             qwen3_5_moe_models.text_config(vocab_size=vocab), seed=6
         ),
@@ -117,7 +124,10 @@ def tiny_run(tmp_path_factory) -> dict[str, Path]:
     paths: dict[str, Path] = {"data": data}
     for name, model in models.items():
         hf_dir = root / f"{name}_hf"
-        model.save_pretrained(hf_dir)
+        if name in mtp_heads:
+            qwen3_5_models.save_with_mtp(model, mtp_heads[name], hf_dir)
+        else:
+            model.save_pretrained(hf_dir)
         tokenizer.save_pretrained(str(hf_dir))
         import_hf_checkpoint(hf_dir, root / f"{name}_megatron", dtype="fp32", progress=False)
         paths[f"{name}_hf"] = hf_dir
@@ -160,6 +170,7 @@ def _finetune(cfg, forward_step, input_ids: torch.Tensor) -> dict:
     from megatron.bridge.training.callbacks import Callback
     from megatron.bridge.training.finetune import finetune
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+    from megatron.core.utils import unwrap_model
 
     reports: list[dict[str, float]] = []
     final: dict[str, torch.Tensor] = {}
@@ -170,6 +181,10 @@ def _finetune(cfg, forward_step, input_ids: torch.Tensor) -> dict:
 
         def on_train_end(self, context):
             (model,) = context.model
+            gpt_model = unwrap_model(model)  # from inside Megatron's DDP wrapper
+            if gpt_model.mtp_process:
+                final["logits"], final["mtp_logits"] = main_and_mtp_logits(gpt_model, input_ids)
+                return
             model.eval()
             positions = torch.arange(input_ids.size(1)).expand_as(input_ids)
             with torch.no_grad():
@@ -180,7 +195,7 @@ def _finetune(cfg, forward_step, input_ids: torch.Tensor) -> dict:
     # recipes (env_vars): each job in this worker starts from and leaves the same environment.
     with bridge_support.own_environment():
         finetune(cfg, forward_step_func=forward_step, callbacks=[Record()])
-    return {"reports": reports, "logits": final["logits"]}
+    return {"reports": reports, **final}
 
 
 def _tiny_qwen3_recipe(hf_dir: str, megatron_dir: str):
@@ -292,18 +307,19 @@ def _autobridge_job(paths: dict[str, str], run: str, input_ids: torch.Tensor) ->
     from megatron_eaft.megatron.megatron_lm import eaft_config_from_args
 
     example = _example(AUTOBRIDGE_EXAMPLE)
-    family, layout = AUTOBRIDGE_RUNS[run]
+    model, layout = AUTOBRIDGE_RUNS[run]
     save = str(Path(paths["root"]) / f"{run}_eaft")
     args = example.parse_args(
         [
-            *("--hf", paths[f"{family}_hf"]),
-            *("--megatron-checkpoint", paths[f"{family}_megatron"]),
+            *("--hf", paths[f"{model}_hf"]),
+            *("--megatron-checkpoint", paths[f"{model}_megatron"]),
             *_scaled_down_run(paths, save, layout.tp),
             *layout.args(),
         ]
     )
     cfg = example.autobridge_sft_config(args)
     _cpu_run_settings(cfg, save, layout.tp)
+    cfg.logger.tensorboard_dir = str(Path(save) / "tb")  # what Bridge logs (MTP losses)
     return _finetune(cfg, enable_eaft(cfg, eaft_config_from_args(args)), input_ids)
 
 
@@ -414,12 +430,12 @@ def test_a_megatron_eaft_finetune_checkpoint_is_a_bridge_pretrained_checkpoint(
 def test_qwen3_5_and_glm4_7_flash_our_conversion_bridge_finetune_our_export(
     bridge_dist, tiny_run, run
 ):
-    """Qwen3.5 (TP=2), Qwen3.5-MoE and GLM-4.7-Flash (TP=1 with DP=2; TP=2 with sequence
-    parallelism and EP=2): ``convert import`` -> ``examples/bridge/autobridge_eaft_sft.py``'s
-    config with kind eaft -> ``convert export``."""
-    family, layout = AUTOBRIDGE_RUNS[run]
-    vocab = read_model_metadata(tiny_run[f"{family}_megatron"]).vocab_size
-    input_ids = verify.sample_inputs(vocab, batch=2, seq_len=12, seed=10)
+    """Qwen3.5 (TP=2, with and without an MTP layer), Qwen3.5-MoE and GLM-4.7-Flash (TP=1
+    with DP=2; TP=2 with sequence parallelism and EP=2): ``convert import`` ->
+    ``examples/bridge/autobridge_eaft_sft.py``'s config with kind eaft -> ``convert export``."""
+    model, layout = AUTOBRIDGE_RUNS[run]
+    imported = read_model_metadata(tiny_run[f"{model}_megatron"])
+    input_ids = verify.sample_inputs(imported.vocab_size, batch=2, seq_len=12, seed=10)
     result = bridge_dist.run(_autobridge_job, 2, _paths(tiny_run), run, input_ids, timeout=900)[0]
 
     reports = result["reports"]
@@ -432,9 +448,21 @@ def test_qwen3_5_and_glm4_7_flash_our_conversion_bridge_finetune_our_export(
     assert saved["tensor_model_parallel_size"] == layout.tp
     assert saved["expert_model_parallel_size"] == layout.ep
     assert saved["sequence_parallel"] == layout.sequence_parallel
-    assert read_model_metadata(save_dir).family == family
+    assert read_model_metadata(save_dir).family == imported.family
     out = tiny_run["root"] / f"{run}_export"
     _export_equals_final_model(save_dir, out, input_ids, result["logits"])
-    original = verify.hf_logits(tiny_run[f"{family}_hf"], input_ids)
+    original = verify.hf_logits(tiny_run[f"{model}_hf"], input_ids)
     trained = verify.hf_logits(out, input_ids)
     assert (original - trained).abs().max() > 1e-3, "Bridge's steps changed nothing"
+    logged = read_tensorboard(save_dir / "tb")
+    if "mtp_logits" not in result:
+        assert not any(tag.startswith("mtp_") for tag in logged)
+        return
+    # The MTP loss Bridge logs each step, and the trained MTP layer exported: the reference MTP
+    # forward (transformers' modules) on the export gives Bridge's final MTP head's logits.
+    assert [step for step, _ in logged["mtp_1 loss"]] == list(range(1, ITERATIONS + 1))
+    assert all(math.isfinite(value) and value > 0 for _, value in logged["mtp_1 loss"])
+    reference = qwen3_5_models.mtp_head_logits(out, input_ids)
+    torch.testing.assert_close(
+        result["mtp_logits"][:, :-1, : reference.size(-1)], reference[:, :-1], rtol=0, atol=2e-5
+    )

@@ -128,3 +128,34 @@ def save_with_mtp(model, head, directory: Path) -> Path:
     )
     add_tensors(directory, {k: v.detach().clone().contiguous() for k, v in tensors.items()})
     return directory
+
+
+def mtp_head_logits(directory: Path, input_ids: torch.Tensor) -> torch.Tensor:
+    """The reference MTP forward (tests/mtp/reference.py) of a checkpoint with one MTP layer
+    under the published names (what ``save_with_mtp`` writes, or an export): its main model
+    and MTP layer loaded from ``directory``, [batch, seq, vocab] fp32 logits."""
+    import transformers
+    from safetensors.torch import load_file
+
+    main_model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch.float32
+    ).eval()
+    head = mtp_head(main_model.config)
+    tensors = {}
+    for shard in sorted(Path(directory).glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    layer = {
+        "model.layers.0." + name[len("mtp.layers.0.") :]: tensor
+        for name, tensor in tensors.items()
+        if name.startswith("mtp.layers.0.")
+    }
+    layer["model.norm.weight"] = tensors["mtp.norm.weight"]
+    missing, unexpected = head.layer_model.load_state_dict(layer, strict=False)
+    # The layer model's embedding and output layer are the main model's (see MTPHead.logits).
+    assert set(missing) <= {"model.embed_tokens.weight", "lm_head.weight"}, missing
+    assert not unexpected, unexpected
+    with torch.no_grad():
+        head.eh_proj.weight.copy_(tensors["mtp.fc.weight"])
+        head.enorm.weight.copy_(tensors["mtp.pre_fc_norm_embedding.weight"])
+        head.hnorm.weight.copy_(tensors["mtp.pre_fc_norm_hidden.weight"])
+    return head.logits(main_model, input_ids)
