@@ -73,10 +73,19 @@ class Layout:
 AUTOBRIDGE_RUNS = {
     "qwen3_5-TP2": ("qwen3_5", Layout(tp=2)),
     "qwen3_5_mtp-TP2": ("qwen3_5_mtp", Layout(tp=2)),
+    "glm4_moe_lite_mtp-TP2-SP-EP2": (
+        "glm4_moe_lite_mtp",
+        Layout(tp=2, ep=2, sequence_parallel=True),
+    ),
     "qwen3_5_moe-DP2": ("qwen3_5_moe", Layout(tp=1)),
     "glm4_moe_lite-DP2": ("glm4_moe_lite", Layout(tp=1)),
     "qwen3_5_moe-TP2-SP-EP2": ("qwen3_5_moe", Layout(tp=2, ep=2, sequence_parallel=True)),
     "glm4_moe_lite-TP2-SP-EP2": ("glm4_moe_lite", Layout(tp=2, ep=2, sequence_parallel=True)),
+}
+# The reference MTP forward of a checkpoint, per family (tests/mtp/reference.py).
+MTP_REFERENCES = {
+    "qwen3_5": qwen3_5_models.mtp_head_logits,
+    "glm4_moe_lite": glm4_moe_lite_models.mtp_head_logits,
 }
 
 
@@ -98,8 +107,17 @@ def tiny_run(tmp_path_factory) -> dict[str, Path]:
     qwen3 = tiny_models.Case(
         "Qwen3ForCausalLM", {"tie_word_embeddings": False, "head_dim": 24, "vocab_size": vocab}
     )
-    mtp_config = qwen3_5_models.text_config(vocab_size=vocab, mtp_num_hidden_layers=1)
-    mtp_heads = {"qwen3_5_mtp": qwen3_5_models.mtp_head(mtp_config, seed=9)}
+    qwen3_5_mtp = qwen3_5_models.text_config(vocab_size=vocab, mtp_num_hidden_layers=1)
+    qwen3_5_mtp_head = qwen3_5_models.mtp_head(qwen3_5_mtp, seed=9)
+    # Models with an MTP layer (which transformers does not build) save it besides.
+    save_with_mtp = {
+        "qwen3_5_mtp": lambda model, hf_dir: qwen3_5_models.save_with_mtp(
+            model, qwen3_5_mtp_head, hf_dir
+        ),
+        "glm4_moe_lite_mtp": lambda model, hf_dir: glm4_moe_lite_models.save(
+            model, hf_dir, seed=11
+        ),
+    }
     models = {
         "qwen3": tiny_models.random_model(tiny_models.hf_config(qwen3), seed=3),
         "glm4": glm4_models.random_hf_model(
@@ -108,7 +126,7 @@ def tiny_run(tmp_path_factory) -> dict[str, Path]:
         "qwen3_5": qwen3_5_models.random_model(
             qwen3_5_models.text_config(vocab_size=vocab), seed=5
         ),
-        "qwen3_5_mtp": qwen3_5_models.random_model(mtp_config, seed=8),
+        "qwen3_5_mtp": qwen3_5_models.random_model(qwen3_5_mtp, seed=8),
         "qwen3_5_moe": tiny_models.random_model(
             qwen3_5_moe_models.text_config(vocab_size=vocab), seed=6
         ),
@@ -120,14 +138,14 @@ def tiny_run(tmp_path_factory) -> dict[str, Path]:
             ),
             seed=7,
         ),
+        "glm4_moe_lite_mtp": glm4_moe_lite_models.random_model(
+            glm4_moe_lite_models.config(vocab_size=vocab, rms_norm_eps=1e-6), seed=10
+        ),
     }
     paths: dict[str, Path] = {"data": data}
     for name, model in models.items():
         hf_dir = root / f"{name}_hf"
-        if name in mtp_heads:
-            qwen3_5_models.save_with_mtp(model, mtp_heads[name], hf_dir)
-        else:
-            model.save_pretrained(hf_dir)
+        save_with_mtp.get(name, type(model).save_pretrained)(model, hf_dir)
         tokenizer.save_pretrained(str(hf_dir))
         import_hf_checkpoint(hf_dir, root / f"{name}_megatron", dtype="fp32", progress=False)
         paths[f"{name}_hf"] = hf_dir
@@ -170,6 +188,7 @@ def _finetune(cfg, forward_step, input_ids: torch.Tensor) -> dict:
     from megatron.bridge.training.callbacks import Callback
     from megatron.bridge.training.finetune import finetune
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
     from megatron.core.utils import unwrap_model
 
     reports: list[dict[str, float]] = []
@@ -193,6 +212,9 @@ def _finetune(cfg, forward_step, input_ids: torch.Tensor) -> dict:
 
     # Megatron sets process-wide variables (NVTE_* for the attention backend) and so do Bridge
     # recipes (env_vars): each job in this worker starts from and leaves the same environment.
+    # Megatron's MTP loss tracker is process-wide too, and Bridge logs what it holds for any
+    # provider with mtp_num_layers set, 0 included (GLM-4.7-Flash's without MTP layers).
+    MTPLossLoggingHelper.tracker.clear()
     with bridge_support.own_environment():
         finetune(cfg, forward_step_func=forward_step, callbacks=[Record()])
     return {"reports": reports, **final}
@@ -462,7 +484,7 @@ def test_qwen3_5_and_glm4_7_flash_our_conversion_bridge_finetune_our_export(
     # forward (transformers' modules) on the export gives Bridge's final MTP head's logits.
     assert [step for step, _ in logged["mtp_1 loss"]] == list(range(1, ITERATIONS + 1))
     assert all(math.isfinite(value) and value > 0 for _, value in logged["mtp_1 loss"])
-    reference = qwen3_5_models.mtp_head_logits(out, input_ids)
+    reference = MTP_REFERENCES[imported.family](out, input_ids)
     torch.testing.assert_close(
         result["mtp_logits"][:, :-1, : reference.size(-1)], reference[:, :-1], rtol=0, atol=2e-5
     )

@@ -105,11 +105,15 @@ def mtp_head(config, seed: int = 0):
 
     from tests.mtp.reference import build_head
 
-    changes = {"num_hidden_layers": 1, "layer_types": ["full_attention"]}
-    layer_config = type(config)(**{**config.to_dict(), **changes, "mtp_num_hidden_layers": 0})
     model_class = getattr(transformers, config.architectures[0])
     hidden, eps = config.hidden_size, config.rms_norm_eps
-    return build_head(model_class, layer_config, Qwen3_5RMSNorm, hidden, eps, seed)
+    return build_head(model_class, _mtp_layer_config(config), Qwen3_5RMSNorm, hidden, eps, seed)
+
+
+def _mtp_layer_config(config):
+    """The config of a one-layer model whose layer is the MTP layer (full attention)."""
+    changes = {"num_hidden_layers": 1, "layer_types": ["full_attention"]}
+    return type(config)(**{**config.to_dict(), **changes, "mtp_num_hidden_layers": 0})
 
 
 def save_with_mtp(model, head, directory: Path) -> Path:
@@ -132,30 +136,20 @@ def save_with_mtp(model, head, directory: Path) -> Path:
 
 def mtp_head_logits(directory: Path, input_ids: torch.Tensor) -> torch.Tensor:
     """The reference MTP forward (tests/mtp/reference.py) of a checkpoint with one MTP layer
-    under the published names (what ``save_with_mtp`` writes, or an export): its main model
-    and MTP layer loaded from ``directory``, [batch, seq, vocab] fp32 logits."""
+    under the published names (what ``save_with_mtp`` writes, or an export), fp32 logits."""
     import transformers
-    from safetensors.torch import load_file
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm
 
-    main_model = transformers.AutoModelForCausalLM.from_pretrained(
-        directory, dtype=torch.float32
-    ).eval()
-    head = mtp_head(main_model.config)
-    tensors = {}
-    for shard in sorted(Path(directory).glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    layer = {
-        "model.layers.0." + name[len("mtp.layers.0.") :]: tensor
-        for name, tensor in tensors.items()
-        if name.startswith("mtp.layers.0.")
+    from tests.mtp.reference import head_from_checkpoint
+
+    config = transformers.AutoConfig.from_pretrained(directory)
+    names = {
+        "eh_proj": "mtp.fc.weight",
+        "enorm": "mtp.pre_fc_norm_embedding.weight",
+        "hnorm": "mtp.pre_fc_norm_hidden.weight",
+        "norm": "mtp.norm.weight",
     }
-    layer["model.norm.weight"] = tensors["mtp.norm.weight"]
-    missing, unexpected = head.layer_model.load_state_dict(layer, strict=False)
-    # The layer model's embedding and output layer are the main model's (see MTPHead.logits).
-    assert set(missing) <= {"model.embed_tokens.weight", "lm_head.weight"}, missing
-    assert not unexpected, unexpected
-    with torch.no_grad():
-        head.eh_proj.weight.copy_(tensors["mtp.fc.weight"])
-        head.enorm.weight.copy_(tensors["mtp.pre_fc_norm_embedding.weight"])
-        head.hnorm.weight.copy_(tensors["mtp.pre_fc_norm_hidden.weight"])
+    main_model, head = head_from_checkpoint(
+        directory, _mtp_layer_config(config), Qwen3_5RMSNorm, "mtp.layers.0.", names
+    )
     return head.logits(main_model, input_ids)
