@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -77,8 +78,12 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # How HF configs spell dtypes ("torch_dtype" in transformers 4, "dtype" in 5).
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
-# Keys Megatron training checkpoints hold next to the model that export leaves behind.
-NON_MODEL_KEY_PREFIXES = ("optimizer.", "rng_state", "rerun_state_machine_state")
+# Keys Megatron training checkpoints hold next to the model that export leaves behind: the
+# optimizer's (``chained_<i>.optimizer.`` from a ChainedOptimizer, as Megatron builds one for
+# the expert parameters of an expert-parallel MoE run), RNG and rerun state.
+NON_MODEL_KEY_PATTERN = re.compile(
+    r"(chained_\d+\.)?optimizer\.|rng_state|rerun_state_machine_state"
+)
 MAX_LISTED = 20
 
 # What `--force` may replace: a previous output of the same command (see megatron_eaft.outputs).
@@ -657,7 +662,7 @@ def carry_tensors(
 def check_megatron_tensors(plan: ConversionPlan, reader: TorchDistReader) -> None:
     expected = plan.global_shapes()
     stored = reader.tensor_keys()
-    model_keys = {k: v for k, v in stored.items() if not k.startswith(NON_MODEL_KEY_PREFIXES)}
+    model_keys = {k: v for k, v in stored.items() if not NON_MODEL_KEY_PATTERN.match(k)}
     missing = [k for k in expected if k not in model_keys]
     unexpected = [k for k in model_keys if k not in expected]
     misshaped = [

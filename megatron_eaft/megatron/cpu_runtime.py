@@ -269,6 +269,10 @@ def apply_bridge_cpu_patches() -> None:
     when it counts a CUDA device; and the start-up "compiles" the dataset helpers with
     ``make``, which needs the Makefile the wheel leaves out (it ships them compiled). The
     fused-kernel warm-up is skipped as for Megatron-LM (CPU runs switch those fusions off).
+    Bridge's MoE providers pick Megatron-Core's all-to-all token dispatcher, whose split sizes
+    reach gloo as tensors on CPU (:func:`_alltoall_split_sizes_as_on_gpu`), and Bridge builds
+    a model's MTP block with Transformer Engine's modules whatever its layer spec
+    (:func:`_local_bridge_mtp_block_spec`).
     The run itself still needs the CPU settings: gloo, the local layer spec and attention
     backend, fusions off, fp32 (see ``tests/adapters/test_bridge_finetune.py``).
     """
@@ -283,7 +287,70 @@ def apply_bridge_cpu_patches() -> None:
     initialize._set_random_seed = _seeding_cpu_rng_tracker(initialize._set_random_seed)
     initialize.compile_helpers = _compile_dataset_helpers_if_missing(initialize.compile_helpers)
     setup.set_jit_fusion_options = _skip_bridge_jit_warm_up
+    _alltoall_split_sizes_as_on_gpu()
+    from megatron.bridge.models import gpt_provider
+
+    gpt_provider.mtp_block_spec = _local_bridge_mtp_block_spec(gpt_provider.mtp_block_spec)
     _BRIDGE_PATCHED = True
+
+
+def _local_bridge_mtp_block_spec(mtp_block_spec: Callable[..., Any]) -> Callable[..., Any]:
+    """Bridge's ``gpt_provider.mtp_block_spec`` with the local modules of our CPU specs.
+
+    Bridge 0.6.2's provider (``GPTModelProvider.provide``, and the Qwen3.5-VL providers through
+    the same module function) wraps the decoder's last layer spec in Megatron's MTP block with
+    ``get_gpt_mtp_block_spec(..., use_transformer_engine=True)``: without Transformer Engine
+    its ``TESpecProvider`` is None and the model build stops. Here the same layer spec (the
+    provider's decoder spec, which :func:`use_bridge_cpu_model_settings` made local) is wrapped
+    with the local provider of :mod:`megatron_eaft.models.cpu_specs` (its CPU RMSNorm for
+    ``enorm`` / ``hnorm`` / ``final_layernorm``, zero-centred as Qwen3.5 needs), the MTP block
+    our own Qwen3.5 / GLM-4.7-Flash models build, under the checkpoint keys Bridge maps.
+    """
+
+    @functools.wraps(mtp_block_spec)
+    def local_mtp_block_spec(config: Any, vp_stage: int | None = None) -> Any:
+        import inspect
+
+        from megatron_eaft.models import cpu_specs
+
+        if not getattr(config, "mtp_num_layers", None):
+            return mtp_block_spec(config, vp_stage=vp_stage)
+        decoder = config.transformer_layer_spec
+        if callable(decoder):
+            takes_vp_stage = "vp_stage" in inspect.signature(decoder).parameters
+            decoder = decoder(config, vp_stage=vp_stage) if takes_vp_stage else decoder(config)
+        if not getattr(decoder, "layer_specs", True):
+            # A last pipeline stage holding only the MTP block: Bridge re-derives the decoder's
+            # layer specs with Transformer Engine (none on CPU), so no local spec to wrap.
+            raise NotImplementedError(
+                "on CPU, Bridge's MTP block needs a decoder layer on its pipeline stage"
+            )
+        return cpu_specs.mtp_block_spec(config, decoder, "local", vp_stage)
+
+    return local_mtp_block_spec
+
+
+def _alltoall_split_sizes_as_on_gpu() -> None:
+    """Give the all-to-all token dispatcher (expert or tensor parallel MoE) its split sizes
+    as the numpy arrays it has on a GPU.
+
+    ``MoEAlltoAllTokenDispatcher`` counts the tokens per rank on the device and turns the
+    counts into numpy with ``moe_utils.maybe_move_tensor_to_cpu(..., as_numpy=True)``, which
+    converts only CUDA tensors. On CPU the counts stay tensors, and ``all_to_all_single``
+    refuses tensors as split sizes (TypeError; gloo itself runs uneven all-to-all). Measured on
+    Bridge's Qwen3.5-MoE provider at TP2 with sequence parallelism and EP2.
+    """
+    from megatron.core.transformer.moe import token_dispatcher
+
+    move_to_cpu = token_dispatcher.maybe_move_tensor_to_cpu
+
+    @functools.wraps(move_to_cpu)
+    def move_as_on_gpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return move_to_cpu(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = move_as_on_gpu
 
 
 def _provide_resiliency_ext_call_wrapper() -> None:

@@ -11,8 +11,10 @@ rate 0 is our trained model.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ import torch
 
 from megatron_eaft.convert import verify
 from megatron_eaft.convert.engine import export_megatron_checkpoint, import_hf_checkpoint
+from megatron_eaft.diagnostics.run_logs import read_tensorboard
 from megatron_eaft.models.bridge_config import (
     metadata_from_bridge_run_config,
     read_bridge_run_config,
@@ -30,6 +33,7 @@ from tests.adapters import bridge_support
 from tests.convert import tiny_models
 from tests.glm4 import glm4_models
 from tests.glm4_moe_lite import glm4_moe_lite_models
+from tests.mtp.test_mtp import main_and_mtp_logits
 from tests.qwen3_5 import qwen3_5_models
 from tests.qwen3_5_moe import qwen3_5_moe_models
 from tests.train import helpers as train_helpers
@@ -42,10 +46,47 @@ EAFT_KEYS = ("eaft loss", "eaft/mean_weight", "eaft/mean_entropy", "eaft/confide
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "bridge"
 GLM4_EXAMPLE = EXAMPLES / "glm4_eaft_sft.py"
 AUTOBRIDGE_EXAMPLE = EXAMPLES / "autobridge_eaft_sft.py"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A two-rank layout of the AutoBridge example's run (its ``--tp`` / ``--ep`` /
+    ``--sequence-parallel``); the ranks left over are data-parallel."""
+
+    tp: int
+    ep: int = 1
+    sequence_parallel: bool = False
+
+    def args(self) -> list[str]:
+        return [
+            *("--tp", str(self.tp), "--ep", str(self.ep)),
+            *(["--sequence-parallel"] if self.sequence_parallel else []),
+        ]
+
+
 # The families Bridge converts but has no SFT recipe for, through the AutoBridge example: dense
 # Qwen3.5 at TP2 (its Gated-DeltaNet output norm's gradient summed over TP by our CPU norm), the
-# MoE families at TP1 / EP1 (MoE at TP > 1 needs sequence parallelism, not tried here).
-AUTOBRIDGE_TP = {"qwen3_5": 2, "qwen3_5_moe": 1, "glm4_moe_lite": 1}
+# MoE families at TP1 / EP1 with two data-parallel ranks, and as Bridge's MoE recipes lay them
+# out (Qwen3-MoE's SFT recipes: TP with sequence parallelism, experts spread over EP, expert TP
+# 1): TP2 with sequence parallelism (Megatron-Core trains MoE at TP > 1 only with it) and EP2.
+# And Qwen3.5 with its MTP layer (on CPU through cpu_runtime's local MTP block for Bridge).
+AUTOBRIDGE_RUNS = {
+    "qwen3_5-TP2": ("qwen3_5", Layout(tp=2)),
+    "qwen3_5_mtp-TP2": ("qwen3_5_mtp", Layout(tp=2)),
+    "glm4_moe_lite_mtp-TP2-SP-EP2": (
+        "glm4_moe_lite_mtp",
+        Layout(tp=2, ep=2, sequence_parallel=True),
+    ),
+    "qwen3_5_moe-DP2": ("qwen3_5_moe", Layout(tp=1)),
+    "glm4_moe_lite-DP2": ("glm4_moe_lite", Layout(tp=1)),
+    "qwen3_5_moe-TP2-SP-EP2": ("qwen3_5_moe", Layout(tp=2, ep=2, sequence_parallel=True)),
+    "glm4_moe_lite-TP2-SP-EP2": ("glm4_moe_lite", Layout(tp=2, ep=2, sequence_parallel=True)),
+}
+# The reference MTP forward of a checkpoint, per family (tests/mtp/reference.py).
+MTP_REFERENCES = {
+    "qwen3_5": qwen3_5_models.mtp_head_logits,
+    "glm4_moe_lite": glm4_moe_lite_models.mtp_head_logits,
+}
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +107,26 @@ def tiny_run(tmp_path_factory) -> dict[str, Path]:
     qwen3 = tiny_models.Case(
         "Qwen3ForCausalLM", {"tie_word_embeddings": False, "head_dim": 24, "vocab_size": vocab}
     )
+    qwen3_5_mtp = qwen3_5_models.text_config(vocab_size=vocab, mtp_num_hidden_layers=1)
+    qwen3_5_mtp_head = qwen3_5_models.mtp_head(qwen3_5_mtp, seed=9)
+    # Models with an MTP layer (which transformers does not build) save it besides.
+    save_with_mtp = {
+        "qwen3_5_mtp": lambda model, hf_dir: qwen3_5_models.save_with_mtp(
+            model, qwen3_5_mtp_head, hf_dir
+        ),
+        "glm4_moe_lite_mtp": lambda model, hf_dir: glm4_moe_lite_models.save(
+            model, hf_dir, seed=11
+        ),
+    }
     models = {
         "qwen3": tiny_models.random_model(tiny_models.hf_config(qwen3), seed=3),
         "glm4": glm4_models.random_hf_model(
             glm4_models.tiny_hf_config(vocab_size=vocab, num_hidden_layers=2), seed=4
         ),
-        # Without MTP layers: Bridge's MTP path is not part of this round trip.
         "qwen3_5": qwen3_5_models.random_model(
             qwen3_5_models.text_config(vocab_size=vocab), seed=5
         ),
+        "qwen3_5_mtp": qwen3_5_models.random_model(qwen3_5_mtp, seed=8),
         "qwen3_5_moe": tiny_models.random_model(
             qwen3_5_moe_models.text_config(vocab_size=vocab), seed=6
         ),
@@ -86,11 +138,14 @@ def tiny_run(tmp_path_factory) -> dict[str, Path]:
             ),
             seed=7,
         ),
+        "glm4_moe_lite_mtp": glm4_moe_lite_models.random_model(
+            glm4_moe_lite_models.config(vocab_size=vocab, rms_norm_eps=1e-6), seed=10
+        ),
     }
     paths: dict[str, Path] = {"data": data}
     for name, model in models.items():
         hf_dir = root / f"{name}_hf"
-        model.save_pretrained(hf_dir)
+        save_with_mtp.get(name, type(model).save_pretrained)(model, hf_dir)
         tokenizer.save_pretrained(str(hf_dir))
         import_hf_checkpoint(hf_dir, root / f"{name}_megatron", dtype="fp32", progress=False)
         paths[f"{name}_hf"] = hf_dir
@@ -133,6 +188,8 @@ def _finetune(cfg, forward_step, input_ids: torch.Tensor) -> dict:
     from megatron.bridge.training.callbacks import Callback
     from megatron.bridge.training.finetune import finetune
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+    from megatron.core.utils import unwrap_model
 
     reports: list[dict[str, float]] = []
     final: dict[str, torch.Tensor] = {}
@@ -143,6 +200,10 @@ def _finetune(cfg, forward_step, input_ids: torch.Tensor) -> dict:
 
         def on_train_end(self, context):
             (model,) = context.model
+            gpt_model = unwrap_model(model)  # from inside Megatron's DDP wrapper
+            if gpt_model.mtp_process:
+                final["logits"], final["mtp_logits"] = main_and_mtp_logits(gpt_model, input_ids)
+                return
             model.eval()
             positions = torch.arange(input_ids.size(1)).expand_as(input_ids)
             with torch.no_grad():
@@ -151,9 +212,12 @@ def _finetune(cfg, forward_step, input_ids: torch.Tensor) -> dict:
 
     # Megatron sets process-wide variables (NVTE_* for the attention backend) and so do Bridge
     # recipes (env_vars): each job in this worker starts from and leaves the same environment.
+    # Megatron's MTP loss tracker is process-wide too, and Bridge logs what it holds for any
+    # provider with mtp_num_layers set, 0 included (GLM-4.7-Flash's without MTP layers).
+    MTPLossLoggingHelper.tracker.clear()
     with bridge_support.own_environment():
         finetune(cfg, forward_step_func=forward_step, callbacks=[Record()])
-    return {"reports": reports, "logits": final["logits"]}
+    return {"reports": reports, **final}
 
 
 def _tiny_qwen3_recipe(hf_dir: str, megatron_dir: str):
@@ -255,8 +319,8 @@ def _glm4_job(paths: dict[str, str], input_ids: torch.Tensor) -> dict:
     return _finetune(cfg, enable_eaft(cfg, eaft_config_from_args(args)), input_ids)
 
 
-def _autobridge_job(paths: dict[str, str], input_ids: torch.Tensor) -> dict:
-    """Per family: the README's AutoBridge example command, scaled down, with kind eaft."""
+def _autobridge_job(paths: dict[str, str], run: str, input_ids: torch.Tensor) -> dict:
+    """One family and layout: the README's AutoBridge example command, scaled down, kind eaft."""
     bridge_support.import_bridge()
     from megatron_eaft.megatron import cpu_runtime
 
@@ -265,20 +329,20 @@ def _autobridge_job(paths: dict[str, str], input_ids: torch.Tensor) -> dict:
     from megatron_eaft.megatron.megatron_lm import eaft_config_from_args
 
     example = _example(AUTOBRIDGE_EXAMPLE)
-    results = {}
-    for family, tp in AUTOBRIDGE_TP.items():
-        save = str(Path(paths["root"]) / f"{family}_eaft")
-        args = example.parse_args(
-            [
-                *("--hf", paths[f"{family}_hf"]),
-                *("--megatron-checkpoint", paths[f"{family}_megatron"]),
-                *_scaled_down_run(paths, save, tp),
-            ]
-        )
-        cfg = example.autobridge_sft_config(args)
-        _cpu_run_settings(cfg, save, tp)
-        results[family] = _finetune(cfg, enable_eaft(cfg, eaft_config_from_args(args)), input_ids)
-    return results
+    model, layout = AUTOBRIDGE_RUNS[run]
+    save = str(Path(paths["root"]) / f"{run}_eaft")
+    args = example.parse_args(
+        [
+            *("--hf", paths[f"{model}_hf"]),
+            *("--megatron-checkpoint", paths[f"{model}_megatron"]),
+            *_scaled_down_run(paths, save, layout.tp),
+            *layout.args(),
+        ]
+    )
+    cfg = example.autobridge_sft_config(args)
+    _cpu_run_settings(cfg, save, layout.tp)
+    cfg.logger.tensorboard_dir = str(Path(save) / "tb")  # what Bridge logs (MTP losses)
+    return _finetune(cfg, enable_eaft(cfg, eaft_config_from_args(args)), input_ids)
 
 
 # ---- the tests -----------------------------------------------------------------------------
@@ -384,26 +448,43 @@ def test_a_megatron_eaft_finetune_checkpoint_is_a_bridge_pretrained_checkpoint(
 
 
 @pytest.mark.slow
-def test_qwen3_5_and_glm4_7_flash_our_conversion_bridge_finetune_our_export(bridge_dist, tiny_run):
-    """Qwen3.5 (TP=2), Qwen3.5-MoE and GLM-4.7-Flash (TP=1, EP=1, DP=2): ``convert import`` ->
+@pytest.mark.parametrize("run", AUTOBRIDGE_RUNS)
+def test_qwen3_5_and_glm4_7_flash_our_conversion_bridge_finetune_our_export(
+    bridge_dist, tiny_run, run
+):
+    """Qwen3.5 (TP=2, with and without an MTP layer), Qwen3.5-MoE and GLM-4.7-Flash (TP=1
+    with DP=2; TP=2 with sequence parallelism and EP=2): ``convert import`` ->
     ``examples/bridge/autobridge_eaft_sft.py``'s config with kind eaft -> ``convert export``."""
-    vocab = read_model_metadata(tiny_run["qwen3_5_megatron"]).vocab_size
-    input_ids = verify.sample_inputs(vocab, batch=2, seq_len=12, seed=10)
-    results = bridge_dist.run(_autobridge_job, 2, _paths(tiny_run), input_ids, timeout=900)[0]
+    model, layout = AUTOBRIDGE_RUNS[run]
+    imported = read_model_metadata(tiny_run[f"{model}_megatron"])
+    input_ids = verify.sample_inputs(imported.vocab_size, batch=2, seq_len=12, seed=10)
+    result = bridge_dist.run(_autobridge_job, 2, _paths(tiny_run), run, input_ids, timeout=900)[0]
 
-    assert results.keys() == AUTOBRIDGE_TP.keys()
-    for family, result in results.items():
-        reports = result["reports"]
-        assert len(reports) == ITERATIONS, family
-        assert all(set(EAFT_KEYS) <= step.keys() for step in reports), family
-        assert all(torch.isfinite(torch.tensor(step["lm loss"])) for step in reports), family
-        assert any(step["eaft/mean_weight"] < 1.0 for step in reports), family
-        save_dir = tiny_run["root"] / f"{family}_eaft"
-        run_config = read_bridge_run_config(save_dir / f"iter_{ITERATIONS:07d}")
-        assert run_config["model"]["tensor_model_parallel_size"] == AUTOBRIDGE_TP[family]
-        assert read_model_metadata(save_dir).family == family
-        out = tiny_run["root"] / f"{family}_export"
-        _export_equals_final_model(save_dir, out, input_ids, result["logits"])
-        original = verify.hf_logits(tiny_run[f"{family}_hf"], input_ids)
-        trained = verify.hf_logits(out, input_ids)
-        assert (original - trained).abs().max() > 1e-3, f"{family}: Bridge's steps changed nothing"
+    reports = result["reports"]
+    assert len(reports) == ITERATIONS
+    assert all(set(EAFT_KEYS) <= step.keys() for step in reports)
+    assert all(torch.isfinite(torch.tensor(step["lm loss"])) for step in reports)
+    assert any(step["eaft/mean_weight"] < 1.0 for step in reports)
+    save_dir = tiny_run["root"] / f"{run}_eaft"
+    saved = read_bridge_run_config(save_dir / f"iter_{ITERATIONS:07d}")["model"]
+    assert saved["tensor_model_parallel_size"] == layout.tp
+    assert saved["expert_model_parallel_size"] == layout.ep
+    assert saved["sequence_parallel"] == layout.sequence_parallel
+    assert read_model_metadata(save_dir).family == imported.family
+    out = tiny_run["root"] / f"{run}_export"
+    _export_equals_final_model(save_dir, out, input_ids, result["logits"])
+    original = verify.hf_logits(tiny_run[f"{model}_hf"], input_ids)
+    trained = verify.hf_logits(out, input_ids)
+    assert (original - trained).abs().max() > 1e-3, "Bridge's steps changed nothing"
+    logged = read_tensorboard(save_dir / "tb")
+    if "mtp_logits" not in result:
+        assert not any(tag.startswith("mtp_") for tag in logged)
+        return
+    # The MTP loss Bridge logs each step, and the trained MTP layer exported: the reference MTP
+    # forward (transformers' modules) on the export gives Bridge's final MTP head's logits.
+    assert [step for step, _ in logged["mtp_1 loss"]] == list(range(1, ITERATIONS + 1))
+    assert all(math.isfinite(value) and value > 0 for _, value in logged["mtp_1 loss"])
+    reference = MTP_REFERENCES[imported.family](out, input_ids)
+    torch.testing.assert_close(
+        result["mtp_logits"][:, :-1, : reference.size(-1)], reference[:, :-1], rtol=0, atol=2e-5
+    )

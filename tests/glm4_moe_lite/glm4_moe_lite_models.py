@@ -76,6 +76,15 @@ def random_model(hf_config, seed: int = 0):
     return model
 
 
+# A one-layer model whose layer is the MTP layer (an MoE layer).
+MTP_LAYER = {
+    "num_hidden_layers": 1,
+    "mlp_layer_types": ["sparse"],
+    "first_k_dense_replace": 0,
+    "num_nextn_predict_layers": 0,
+}
+
+
 def mtp_head(hf_config, seed: int = 0):
     """A random MTP layer for ``hf_config`` as transformers modules (tests/mtp/reference.py):
     a one-layer model whose layer is an MoE layer, as the MTP layer is."""
@@ -84,12 +93,7 @@ def mtp_head(hf_config, seed: int = 0):
 
     from tests.mtp.reference import build_head
 
-    layer_config = config(
-        num_hidden_layers=1,
-        mlp_layer_types=["sparse"],
-        first_k_dense_replace=0,
-        num_nextn_predict_layers=0,
-    )
+    layer_config = config(**MTP_LAYER)
     model_class = transformers.Glm4MoeLiteForCausalLM
     hidden, eps = hf_config.hidden_size, hf_config.rms_norm_eps
     return build_head(model_class, layer_config, Glm4MoeLiteRMSNorm, hidden, eps, seed)
@@ -133,3 +137,27 @@ def save(model, directory: Path, seed: int = 0, copies: bool = True) -> Path:
 def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=input_ids).logits.float()
+
+
+def mtp_head_logits(directory: Path, input_ids: torch.Tensor) -> torch.Tensor:
+    """The reference MTP forward (tests/mtp/reference.py) of a checkpoint with one MTP layer
+    under the published names (what ``save`` writes, or an export), fp32 logits."""
+    import transformers
+    from transformers.models.glm4_moe_lite.modeling_glm4_moe_lite import Glm4MoeLiteRMSNorm
+
+    from tests.mtp.reference import head_from_checkpoint
+
+    hf_config = transformers.AutoConfig.from_pretrained(directory)
+    prefix = f"model.layers.{hf_config.num_hidden_layers}."
+    names = {
+        "eh_proj": prefix + "eh_proj.weight",
+        "enorm": prefix + "enorm.weight",
+        "hnorm": prefix + "hnorm.weight",
+        "norm": prefix + "shared_head.norm.weight",
+    }
+    copies = (prefix + "embed_tokens.weight", prefix + "shared_head.head.weight")
+    layer_config = type(hf_config)(**{**hf_config.to_dict(), **MTP_LAYER})
+    main_model, head = head_from_checkpoint(
+        directory, layer_config, Glm4MoeLiteRMSNorm, prefix, names, copies
+    )
+    return head.logits(main_model, input_ids)

@@ -92,3 +92,54 @@ def add_tensors(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
 
     (single,) = directory.glob("*.safetensors")
     save_file({**load_file(single), **tensors}, single, metadata={"format": "pt"})
+
+
+def head_from_checkpoint(
+    directory: Path,
+    layer_config: Any,
+    norm_class: Any,
+    prefix: str,
+    names: dict[str, str],
+    exclude: tuple[str, ...] = (),
+) -> tuple[Any, MTPHead]:
+    """A checkpoint's main model (transformers) and its MTP layer as an :class:`MTPHead`.
+
+    ``prefix`` starts the MTP decoder layer's tensors, ``names`` gives the tensors of
+    ``eh_proj``, ``enorm``, ``hnorm`` and the layer's final ``norm``, ``exclude`` the other
+    tensors under ``prefix`` (DeepSeek-style copies of the embedding and output layer). The
+    decoder layer loads through ``from_pretrained`` of a one-layer model (``layer_config``), so
+    transformers reads any on-disk expert layout it reads for the main model.
+    """
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    main_model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch.float32
+    ).eval()
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(directory).glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    skipped = {*names.values(), *exclude}
+    layer = {
+        "model.layers.0." + name[len(prefix) :]: tensor
+        for name, tensor in tensors.items()
+        if name.startswith(prefix) and name not in skipped
+    }
+    layer["model.norm.weight"] = tensors[names["norm"]]
+    layer_dir = Path(directory).parent / f"{Path(directory).name}-mtp-reference"
+    layer_config.save_pretrained(layer_dir)
+    save_file(layer, layer_dir / "model.safetensors", metadata={"format": "pt"})
+    model_class = getattr(transformers, layer_config.architectures[0])
+    # Its embedding and output layer are left random: MTPHead.logits uses the main model's.
+    layer_model = model_class.from_pretrained(layer_dir, dtype=torch.float32).eval()
+    hidden, eps = layer_config.hidden_size, layer_config.rms_norm_eps
+    head = MTPHead(
+        enorm=norm_class(hidden, eps=eps),
+        hnorm=norm_class(hidden, eps=eps),
+        eh_proj=torch.nn.Linear(2 * hidden, hidden, bias=False),
+        layer_model=layer_model,
+    )
+    with torch.no_grad():
+        for module in ("eh_proj", "enorm", "hnorm"):
+            getattr(head, module).weight.copy_(tensors[names[module]])
+    return main_model, head

@@ -85,8 +85,6 @@ def checkpoints(tmp_path_factory):
 def megatron_mtp_logits(megatron_dir: str, input_ids: torch.Tensor, tp: int = 1):
     """Rank function: fp32 main and MTP-head logits, [batch, seq, vocab] each (gathered over
     ``tp`` tensor-parallel ranks)."""
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
     from megatron_eaft.megatron import cpu_runtime
     from megatron_eaft.models import ParallelLayout, build_model, load_model_weights
     from megatron_eaft.models.bridge_config import read_model_metadata
@@ -96,24 +94,35 @@ def megatron_mtp_logits(megatron_dir: str, input_ids: torch.Tensor, tp: int = 1)
     layout = ParallelLayout(tensor=tp)
     model = build_model(metadata, layout, dtype=torch.float32, transformer_impl="local")
     load_model_weights(model, megatron_dir)
+    main, mtp = main_and_mtp_logits(model, input_ids)
+    vocab = metadata.vocab_size
+    return main[..., :vocab], mtp[..., :vocab]
+
+
+def main_and_mtp_logits(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """In a rank: a GPTModel's fp32 main and first MTP head's logits in eval mode,
+    [batch, seq, padded vocab] each, gathered over tensor-parallel ranks."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
     model.eval()
     captured = {}
     hook = model.mtp.register_forward_hook(lambda m, a, out: captured.setdefault("mtp", out))
     position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids)
-    with torch.no_grad():
-        main = gather_from_tensor_model_parallel_region(model(input_ids, position_ids, None))
-        # The block returns [main; MTP layer 1; ...] hidden states along the sequence axis.
-        _, mtp_hidden = torch.chunk(captured["mtp"], 2, dim=0)
-        weight = (
-            model.shared_embedding_or_output_weight()
-            if model.share_embeddings_and_output_weights
-            else None
-        )
-        mtp, _ = model.output_layer(mtp_hidden, weight=weight)
-        mtp = gather_from_tensor_model_parallel_region(mtp)
-    hook.remove()
-    vocab = metadata.vocab_size
-    return main[..., :vocab].float(), mtp.transpose(0, 1)[..., :vocab].float()
+    try:
+        with torch.no_grad():
+            main = gather_from_tensor_model_parallel_region(model(input_ids, position_ids, None))
+            # The block returns [main; MTP layer 1; ...] hidden states along the sequence axis.
+            mtp_hidden = captured["mtp"].chunk(1 + model.config.mtp_num_layers, dim=0)[1]
+            weight = (
+                model.shared_embedding_or_output_weight()
+                if model.share_embeddings_and_output_weights
+                else None
+            )
+            mtp, _ = model.output_layer(mtp_hidden, weight=weight)
+            mtp = gather_from_tensor_model_parallel_region(mtp)
+    finally:
+        hook.remove()
+    return main.float(), mtp.transpose(0, 1).float()
 
 
 def _all_mtp_logits(megatron_dirs: list[str], input_ids: torch.Tensor):

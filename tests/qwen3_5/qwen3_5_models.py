@@ -105,11 +105,15 @@ def mtp_head(config, seed: int = 0):
 
     from tests.mtp.reference import build_head
 
-    changes = {"num_hidden_layers": 1, "layer_types": ["full_attention"]}
-    layer_config = type(config)(**{**config.to_dict(), **changes, "mtp_num_hidden_layers": 0})
     model_class = getattr(transformers, config.architectures[0])
     hidden, eps = config.hidden_size, config.rms_norm_eps
-    return build_head(model_class, layer_config, Qwen3_5RMSNorm, hidden, eps, seed)
+    return build_head(model_class, _mtp_layer_config(config), Qwen3_5RMSNorm, hidden, eps, seed)
+
+
+def _mtp_layer_config(config):
+    """The config of a one-layer model whose layer is the MTP layer (full attention)."""
+    changes = {"num_hidden_layers": 1, "layer_types": ["full_attention"]}
+    return type(config)(**{**config.to_dict(), **changes, "mtp_num_hidden_layers": 0})
 
 
 def save_with_mtp(model, head, directory: Path) -> Path:
@@ -128,3 +132,24 @@ def save_with_mtp(model, head, directory: Path) -> Path:
     )
     add_tensors(directory, {k: v.detach().clone().contiguous() for k, v in tensors.items()})
     return directory
+
+
+def mtp_head_logits(directory: Path, input_ids: torch.Tensor) -> torch.Tensor:
+    """The reference MTP forward (tests/mtp/reference.py) of a checkpoint with one MTP layer
+    under the published names (what ``save_with_mtp`` writes, or an export), fp32 logits."""
+    import transformers
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm
+
+    from tests.mtp.reference import head_from_checkpoint
+
+    config = transformers.AutoConfig.from_pretrained(directory)
+    names = {
+        "eh_proj": "mtp.fc.weight",
+        "enorm": "mtp.pre_fc_norm_embedding.weight",
+        "hnorm": "mtp.pre_fc_norm_hidden.weight",
+        "norm": "mtp.norm.weight",
+    }
+    main_model, head = head_from_checkpoint(
+        directory, _mtp_layer_config(config), Qwen3_5RMSNorm, "mtp.layers.0.", names
+    )
+    return head.logits(main_model, input_ids)
