@@ -135,3 +135,18 @@ def test_a_worker_left_with_too_many_threads_is_replaced_after_its_job(light_poo
     after = light_pool.run(_rank_and_pid, 2)
     assert after[0][1] != before[0][1], "rank 0's worker kept its leaked threads"
     assert after[1][1] == before[1][1], "rank 1's worker was healthy and should be kept"
+
+
+def _pinned_copies() -> tuple[bool, bool, str]:
+    from megatron_eaft.megatron import cpu_runtime
+
+    cpu_runtime.apply_cpu_patches()
+    # NeMo's strategy logs every scalar as torch.tensor(x, pin_memory=True).to("cuda").
+    scalar = torch.tensor(2.0, pin_memory=True).to("cuda", non_blocking=True)
+    pinned = torch.ones(3).pin_memory()
+    return scalar.is_pinned(), pinned.is_pinned(), str(scalar.device)
+
+
+def test_pin_memory_requests_are_dropped_on_cpu(dist):
+    scalar_pinned, tensor_pinned, device = dist.run(_pinned_copies, 1)[0]
+    assert (scalar_pinned, tensor_pinned, device) == (False, False, "cpu")

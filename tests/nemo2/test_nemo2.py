@@ -5,6 +5,7 @@ Run with `make test-nemo2` (envs/nemo2: nemo-toolkit 2.7.3 on Megatron-Core 0.15
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -21,6 +22,7 @@ from megatron_eaft.ops import EAFTConfig, TokenLoss
 
 RUN_SCRIPT = Path(__file__).with_name("finetune_run.py")
 REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "nemo2" / "qwen3_eaft_finetune.py"
 EAFT_KEYS = ("lm loss", "eaft loss", "eaft/mean_weight", "eaft/mean_entropy")
 
 
@@ -73,22 +75,50 @@ def test_callback_rejects_bad_options_before_any_model_is_built() -> None:
         EAFTCallback().setup(None, module, "fit")
 
 
-def test_recipe_gets_one_callback_as_a_nemo_run_config() -> None:
+def _example():
+    spec = importlib.util.spec_from_file_location("qwen3_eaft_finetune", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_recipe_is_nemos_qwen3_recipe_with_one_eaft_callback(tmp_path: Path) -> None:
     import fiddle as fdl
     from nemo.collections import llm
 
-    recipe = llm.qwen3_600m.finetune_recipe(
-        name="eaft", dir="/tmp/unused", num_nodes=1, num_gpus_per_node=1, peft_scheme=None
+    example = _example()
+    args = example.parse_args(
+        [
+            "--recipe",
+            "qwen3_600m",
+            "--dataset-root",
+            str(tmp_path),
+            "--dir",
+            str(tmp_path),
+            "--gpus-per-node",
+            "2",
+            "--eaft-kind",
+            "eaft",
+            "--eaft-topk",
+            "10",
+        ]
     )
-    add_eaft_to_recipe(recipe, kind="eaft", topk=10)
+    recipe = example.build_recipe(args)
+    assert fdl.get_callable(recipe) is llm.finetune
+    assert fdl.get_callable(recipe.data) is llm.FineTuningDataModule
+    assert recipe.data.dataset_root == str(tmp_path)
+    assert recipe.trainer.devices == 2
     built = [c for c in recipe.trainer.callbacks if fdl.get_callable(c) is EAFTCallback]
     assert len(built) == 1
-    callback = fdl.build(built[0])
-    assert callback.config == EAFTConfig(kind="eaft", topk=10)
+    assert fdl.build(built[0]).config == EAFTConfig(kind="eaft", topk=10)
     with pytest.raises(ValueError, match="already has an EAFTCallback"):
         add_eaft_to_recipe(recipe)
     with pytest.raises(ValueError, match="unknown option"):
         add_eaft_to_recipe(recipe, top_k=10)
+    with pytest.raises(ValueError, match="--eaft-norm"):
+        example.parse_args(
+            ["--recipe", "qwen3_600m", "--dataset-root", "d", "--dir", "d", "--eaft-norm", "lnv"]
+        )
 
 
 def _free_port() -> int:
@@ -124,11 +154,14 @@ def _finetune(work_dir: Path, name: str, *flags: str) -> list[dict[str, float]]:
 
 @pytest.fixture(scope="module")
 def runs(nemo2_work_dir: Path) -> dict[str, list[dict[str, float]]]:
-    """NeMo's own finetune, then the same with EAFTCallback kind sft and kind eaft."""
+    """NeMo's own finetune, then the same with EAFTCallback kind sft and kind eaft; at TP2,
+    NeMo's own and eaft (two gloo ranks that Lightning starts)."""
     return {
         "nemo": _finetune(nemo2_work_dir, "nemo", "--no-eaft"),
         "sft": _finetune(nemo2_work_dir, "sft", "--eaft-kind", "sft"),
         "eaft": _finetune(nemo2_work_dir, "eaft", "--eaft-kind", "eaft"),
+        "nemo-tp2": _finetune(nemo2_work_dir, "nemo-tp2", "--no-eaft", "--tp", "2"),
+        "eaft-tp2": _finetune(nemo2_work_dir, "eaft-tp2", "--eaft-kind", "eaft", "--tp", "2"),
     }
 
 
@@ -142,8 +175,10 @@ def test_sft_through_the_callback_is_nemos_own_run(runs) -> None:
         assert ours["eaft/mean_weight"] == 1.0
 
 
-def test_eaft_keys_are_logged_and_the_weighted_loss_is_optimised(runs) -> None:
-    nemo, eaft = runs["nemo"], runs["eaft"]
+@pytest.mark.parametrize("layout", ["", "-tp2"], ids=["TP1", "TP2"])
+def test_eaft_keys_are_logged_and_the_weighted_loss_is_optimised(runs, layout: str) -> None:
+    nemo, eaft = runs["nemo" + layout], runs["eaft" + layout]
+    assert len(eaft) == 3
     for step in eaft:
         assert set(EAFT_KEYS) <= set(step)
         assert step["eaft loss"] == pytest.approx(step["reduced_train_loss"], rel=1e-6)
