@@ -21,18 +21,21 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	MEGATRON_EAFT_REQUIRE_BRIDGE=1 $(VENV)/bin/python -m pytest -q -m slow
 
-# NeMo 2 (nemo-toolkit 2.7 on Megatron-Core 0.15) in its own environment, envs/nemo2/.venv;
-# megatron_eaft from this checkout. --confcutdir keeps tests/conftest.py (main environment) out.
-NEMO2_VENV := envs/nemo2/.venv
-NEMO2_STAMP := $(NEMO2_VENV)/.synced
+# NeMo 2 (nemo-toolkit 2.6 and 2.7, both on Megatron-Core 0.15), each in its own environment,
+# envs/nemo-2.x/.venv; megatron_eaft from this checkout. --confcutdir keeps tests/conftest.py
+# (the main environment's) out.
+NEMO2_ENVS := envs/nemo-2.6 envs/nemo-2.7
 
-$(NEMO2_STAMP): envs/nemo2/pyproject.toml envs/nemo2/uv.lock tools/setup_env.sh
-	bash tools/setup_env.sh nemo2
-	touch $(NEMO2_STAMP)
+envs/%/.venv/.synced: envs/%/pyproject.toml envs/%/uv.lock tools/setup_env.sh
+	bash tools/setup_env.sh envs/$*
+	touch $@
 
-test-nemo2: $(NEMO2_STAMP)
-	PYTHONPATH=$(CURDIR) $(NEMO2_VENV)/bin/python -m pytest -q -p no:cacheprovider \
-		--confcutdir=tests/nemo2 tests/nemo2
+test-nemo2: $(NEMO2_ENVS:%=%/.venv/.synced)
+	for env in $(NEMO2_ENVS); do \
+		echo "== tests/nemo2 in $$env"; \
+		PYTHONPATH=$(CURDIR) $$env/.venv/bin/python -m pytest -q -p no:cacheprovider \
+			--confcutdir=tests/nemo2 tests/nemo2 || exit 1; \
+	done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv (Python 3.12, the locked versions of uv.lock) on a fresh machine.
-# `setup_env.sh nemo2` creates envs/nemo2/.venv instead (the NeMo 2 stack, envs/nemo2/uv.lock).
+# `setup_env.sh envs/nemo-2.7` (or envs/nemo-2.6) creates that folder's .venv instead: a NeMo 2
+# stack from its own uv.lock.
 # Python: $PYTHON if set, else pyenv's newest 3.12, else python3.12 on PATH.
 # uv: on PATH, else installed into .tools/uv with pip from the package index.
 set -euo pipefail
@@ -31,10 +32,14 @@ else
   fi
   uv=.tools/uv/bin/uv
 fi
-if [[ "${1:-}" == nemo2 ]]; then
-  # NeMo 2 (nemo-toolkit 2.7) runs on Megatron-Core 0.15, below the main environment's floor:
-  # its own project and lock; megatron_eaft comes from the checkout on PYTHONPATH.
-  "$uv" sync --locked --project envs/nemo2 --compile-bytecode --python "$python"
+if [[ -n "${1:-}" ]]; then
+  # NeMo 2 (nemo-toolkit 2.6/2.7) runs on Megatron-Core 0.15, below the main environment's
+  # floor: a project and lock of its own; megatron_eaft comes from the checkout on PYTHONPATH.
+  if [[ ! -f "$1/uv.lock" ]]; then
+    echo "error: $1/uv.lock not found (the environments are envs/nemo-2.6 and envs/nemo-2.7)" >&2
+    exit 1
+  fi
+  "$uv" sync --locked --project "$1" --compile-bytecode --python "$python"
   exit 0
 fi
 # The CPU test/demo environment: everything CI runs (the Megatron-Bridge adapter's tests,

@@ -205,7 +205,9 @@ def _moe_settings(metadata: ModelMetadata, transformer_impl: str) -> dict[str, A
         return {}
     gloo = torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo"
     return {
-        # all-to-all is the expert-parallel dispatcher of choice; gloo has no all_to_all.
+        # all-to-all is the expert-parallel dispatcher of choice. On gloo (CPU) Megatron's
+        # all-to-all dispatcher hands all_to_all_single its split sizes as tensors, which it
+        # refuses (only CUDA counts become lists); allgather computes the same.
         "moe_token_dispatcher_type": "allgather" if gloo else "alltoall",
         "moe_grouped_gemm": transformer_impl == "transformer_engine",
     }
