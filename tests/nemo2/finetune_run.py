@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("work_dir", type=Path)
     parser.add_argument("out_json", type=Path)
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--no-eaft", action="store_true", help="NeMo's own loss, no callback")
     add_eaft_args(parser)
     args = parser.parse_args()
@@ -99,14 +100,17 @@ def main() -> None:
     callbacks.append(recorder)
     trainer = nl.Trainer(
         accelerator="cpu",
-        devices=args.tp,
+        devices=args.tp * args.pp,
         max_steps=STEPS,
         log_every_n_steps=1,
         limit_val_batches=0,
         num_sanity_val_steps=0,
         enable_checkpointing=False,  # NeMo's checkpoint callback imports nvidia_resiliency_ext
         strategy=nl.MegatronStrategy(
-            tensor_model_parallel_size=args.tp, ckpt_async_save=False, ddp="megatron"
+            tensor_model_parallel_size=args.tp,
+            pipeline_model_parallel_size=args.pp,
+            ckpt_async_save=False,
+            ddp="megatron",
         ),
         plugins=nl.MegatronMixedPrecision(precision="32"),
         callbacks=callbacks,

@@ -154,14 +154,17 @@ def _finetune(work_dir: Path, name: str, *flags: str) -> list[dict[str, float]]:
 
 @pytest.fixture(scope="module")
 def runs(nemo2_work_dir: Path) -> dict[str, list[dict[str, float]]]:
-    """NeMo's own finetune, then the same with EAFTCallback kind sft and kind eaft; at TP2,
-    NeMo's own and eaft (two gloo ranks that Lightning starts)."""
+    """NeMo's own finetune, then the same with EAFTCallback kind sft and kind eaft; at TP2 and
+    PP2, NeMo's own and eaft (two gloo ranks that Lightning starts). Metrics are rank 0's: at
+    PP2 the first stage, which computes no loss and logs the last stage's report."""
     return {
         "nemo": _finetune(nemo2_work_dir, "nemo", "--no-eaft"),
         "sft": _finetune(nemo2_work_dir, "sft", "--eaft-kind", "sft"),
         "eaft": _finetune(nemo2_work_dir, "eaft", "--eaft-kind", "eaft"),
         "nemo-tp2": _finetune(nemo2_work_dir, "nemo-tp2", "--no-eaft", "--tp", "2"),
         "eaft-tp2": _finetune(nemo2_work_dir, "eaft-tp2", "--eaft-kind", "eaft", "--tp", "2"),
+        "nemo-pp2": _finetune(nemo2_work_dir, "nemo-pp2", "--no-eaft", "--pp", "2"),
+        "eaft-pp2": _finetune(nemo2_work_dir, "eaft-pp2", "--eaft-kind", "eaft", "--pp", "2"),
     }
 
 
@@ -175,7 +178,7 @@ def test_sft_through_the_callback_is_nemos_own_run(runs) -> None:
         assert ours["eaft/mean_weight"] == 1.0
 
 
-@pytest.mark.parametrize("layout", ["", "-tp2"], ids=["TP1", "TP2"])
+@pytest.mark.parametrize("layout", ["", "-tp2", "-pp2"], ids=["TP1", "TP2", "PP2"])
 def test_eaft_keys_are_logged_and_the_weighted_loss_is_optimised(runs, layout: str) -> None:
     nemo, eaft = runs["nemo" + layout], runs["eaft" + layout]
     assert len(eaft) == 3
