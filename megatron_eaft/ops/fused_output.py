@@ -311,7 +311,9 @@ class _FusedOutputWeightedCrossEntropy(torch.autograd.Function):
         logits_buffer = torch.empty(tokens, block, dtype=weight.dtype, device=weight.device)
         scratch = fn.grad_scratch(tokens, block, weight)
         rounded_products = scratch is not None and not hidden.is_cuda
-        hidden_product = torch.empty_like(hidden) if rounded_products and want_hidden else None
+        hidden_product = (
+            hidden.new_empty(hidden.shape) if rounded_products and want_hidden else None
+        )
         weight_product = None
         if rounded_products and want_weight:
             weight_product = hidden.new_empty(block, hidden.size(1))
