@@ -24,13 +24,21 @@ would re-read and re-write the whole fp32 weight gradient once per chunk, which 
 the GEMM itself at small chunks. ``grad_hidden`` is this rank's partial sum over its vocabulary
 shard; the caller reduces it over TP as ColumnParallelLinear's backward does.
 
+Every chunk and every block reuses one set of buffers (logits, fp32 working copy, the CPU
+products), and on CPU the backward forms a block's gradient a few rows at a time in a
+cache-sized fp32 scratch, in place in the block's logits. Fresh chunk-sized tensors per chunk
+cost more in page faults than the softmax arithmetic, and whole-block fp32 passes cost four trips
+through memory: together 1.21x -> 1.145x the unfused time at T=4096, h=2560, V=151936 (bf16, one
+CPU thread; see the README).
+
 Given a ``top1_out`` buffer, the forward also writes each token's shard-local top-1 logit and
 its column there (what ``logits.max(dim=-1)`` gives on this rank's shard), O(T): Megatron
 derives its MTP acceptance counts from them.
 
-Extra memory: O(C x V/TP) for one chunk's logits (a backward block holds as many), plus, during
-backward, an fp32 ``[T, h]`` hidden-gradient accumulator and, for a weight without a
-``main_grad``, an fp32 weight-sized one.
+Extra memory: O(C x V/TP) for one chunk's logits and their fp32 copy (a backward block holds as
+many logits, its gradient overwrites them; on CPU plus a ``[T, h]`` and a ``[block, h]`` product
+in the weight's dtype), plus, during backward, an fp32 ``[T, h]`` hidden-gradient accumulator
+and, for a weight without a ``main_grad``, an fp32 weight-sized one.
 """
 
 from __future__ import annotations
@@ -54,9 +62,15 @@ from megatron_eaft.ops.vocab_parallel import (
     topk_entropy,
 )
 
-# Working memory of one chunk when the caller gives no chunk size: ~C x V/TP x 8 bytes for bf16
-# (logits, their fp32 copy, the bf16 gradient), so 1 GiB is ~512 tokens at V/TP = 248320.
+# Working memory of one chunk when the caller gives no chunk size: counted as C x V/TP x 8 bytes
+# for bf16 (the forward holds 6: logits and their fp32 copy; a backward block 2, its gradient
+# formed in place), so 1 GiB is ~512 tokens at V/TP = 248320.
 DEFAULT_CHUNK_MEMORY_BYTES = 1 << 30
+
+# The fp32 rows the backward forms each block's gradient in on CPU: about an L2 cache, where
+# four passes over them cost one trip through memory (measured 2.6x faster than whole-block
+# passes on a [4096, 32757] block).
+GRAD_SCRATCH_BYTES_CPU = 1 << 20
 
 WeightGradPlaceholder = Callable[[torch.Tensor], torch.Tensor | None]
 
@@ -94,60 +108,105 @@ def _no_placeholder(weight: torch.Tensor) -> None:
     return None
 
 
+def _leading(buffer: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """A contiguous ``[rows, columns]`` view of the start of ``buffer``'s storage (a short last
+    chunk or block reuses the full-size buffer instead of allocating its own)."""
+    return buffer.view(-1)[: rows * columns].view(rows, columns)
+
+
 class _FusedOutputWeightedCrossEntropy(torch.autograd.Function):
     """hidden [T, h], weight [V/TP, h], target [T] -> per-token (loss, ce, weight, entropy, p)."""
 
     @staticmethod
-    def chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The output layer on one chunk: [C, h] @ [h, V/TP], in the weight's dtype."""
-        return torch.matmul(hidden_chunk, weight.t())
+    def chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor, out: torch.Tensor):
+        """The output layer on one chunk into ``out``: [C, h] @ [h, V/TP], the weight's dtype."""
+        return torch.mm(hidden_chunk, weight.t(), out=out)
+
+    @staticmethod
+    def block_buffers(
+        rows: int, columns: int, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits in the weight's dtype, their fp32 working copy, None when that is fp32)."""
+        logits = torch.empty(rows, columns, dtype=weight.dtype, device=weight.device)
+        if weight.dtype == torch.float32:
+            return logits, None
+        return logits, torch.empty(rows, columns, dtype=torch.float32, device=weight.device)
+
+    @staticmethod
+    def grad_scratch(tokens: int, columns: int, weight: torch.Tensor) -> torch.Tensor | None:
+        """The fp32 rows :meth:`block_grad_logits_` works in: cache-sized on CPU, the whole
+        block on an accelerator (one kernel per pass); None for fp32 logits (worked in place)."""
+        if weight.dtype == torch.float32:
+            return None
+        rows = tokens
+        if weight.device.type == "cpu":
+            rows = max(1, min(tokens, GRAD_SCRATCH_BYTES_CPU // (4 * max(columns, 1))))
+        return torch.empty(rows, columns, dtype=torch.float32, device=weight.device)
 
     @staticmethod
     def chunk_forward(
         logits: torch.Tensor,
+        work: torch.Tensor,
         target: torch.Tensor,
         config: EAFTConfig,
         tp_group: dist.ProcessGroup | None,
     ):
-        """One chunk's softmax pass and entropy (the steps of the unfused loss)."""
+        """One chunk's softmax pass and entropy (the steps of the unfused loss); ``work`` is the
+        fp32 buffer the pass runs in (the logits themselves when they are fp32)."""
         entropy_nats = None
         if config.needs_entropy and config.entropy == "topk":
             entropy_nats = topk_entropy(global_topk_values(logits, config.topk, tp_group))
         exact = config.needs_entropy and config.entropy == "exact"
-        work = logits.float()  # the logits themselves when they are fp32
+        if work is not logits:
+            work.copy_(logits)
         softmax = softmax_pass_(work, target, exact, tp_group, config.check_finite)
         if exact:
             entropy_nats = softmax.entropy_nats
         return softmax, entropy_nats
 
     @staticmethod
-    def block_grad_logits(
+    def block_grad_logits_(
         logits: torch.Tensor,
+        scratch: torch.Tensor | None,
         lse: torch.Tensor,
         block_target: torch.Tensor,
         in_block: torch.Tensor,
         scale: torch.Tensor,
     ) -> torch.Tensor:
-        """d loss / d logits of one vocabulary block [T, Vb], fp32: scale * (softmax - onehot).
+        """d loss / d logits of one vocabulary block [T, Vb], in place: scale * (softmax -
+        onehot), computed in fp32 and rounded once to the logits' dtype.
 
-        The one-hot part is a scatter of ``-1`` at each label inside the block (``in_block``;
-        labels outside it scatter 0), so no row index is ever read back to the host.
+        Rows go through ``scratch`` (fp32 ``[R, >= Vb]``; None: fp32 logits, worked on in
+        place) R at a time, so on CPU, where R rows fit in cache, the four passes cost one read
+        and one write of the block instead of four round trips through memory. The one-hot part
+        is a scatter of ``-1`` at each label inside the block (``in_block``; labels outside it
+        scatter 0), so no row index is ever read back to the host.
         """
-        grad = logits.float()
-        grad -= lse.unsqueeze(-1)
-        grad.exp_()
-        grad.scatter_add_(1, block_target.unsqueeze(-1), -in_block.to(grad.dtype).unsqueeze(-1))
-        grad.mul_(scale.unsqueeze(-1))
-        return grad
+        tokens, width = logits.shape
+        group = tokens if scratch is None else scratch.size(0)
+        minus_onehot = -in_block.to(torch.float32)
+        for start in range(0, tokens, group):
+            rows = slice(start, min(start + group, tokens))
+            source = logits[rows]
+            work = source if scratch is None else _leading(scratch, source.size(0), width)
+            # One pass: the upcast (exact) and the shift, as float() then -= would give.
+            torch.sub(source, lse[rows].unsqueeze(-1), out=work)
+            work.exp_()
+            work.scatter_add_(1, block_target[rows].unsqueeze(-1), minus_onehot[rows].unsqueeze(-1))
+            work.mul_(scale[rows].unsqueeze(-1))
+            if work is not source:
+                source.copy_(work)
+        return logits
 
     @staticmethod
     def add_matmul_(
         accumulator: torch.Tensor,
         left: torch.Tensor,
         right: torch.Tensor,
-        left_fp32: torch.Tensor | None = None,
+        product: torch.Tensor | None = None,
     ) -> None:
-        """accumulator += left @ right, accumulating in the accumulator's dtype (fp32)."""
+        """accumulator += left @ right, accumulating in the accumulator's dtype (fp32).
+        ``product``: a buffer of the product's shape and the operands' dtype for the CPU path."""
         if left.dtype == accumulator.dtype:
             accumulator.addmm_(left, right)
         elif accumulator.is_cuda:
@@ -157,7 +216,7 @@ class _FusedOutputWeightedCrossEntropy(torch.autograd.Function):
         else:
             # CPU has no mixed-dtype GEMM and an fp32 one is ~3.5x slower than bf16 (measured):
             # a bf16 GEMM over the whole reduction dimension, rounded once, then added.
-            accumulator.add_(torch.mm(left, right))
+            accumulator.add_(torch.mm(left, right, out=product))
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -190,13 +249,20 @@ class _FusedOutputWeightedCrossEntropy(torch.autograd.Function):
             if config.check_finite
             else None
         )
+        # One logits buffer and one fp32 working buffer for every chunk: fresh chunk-sized
+        # tensors per chunk cost more in page faults on CPU than the softmax pass itself.
+        logits_buffer, work_buffer = fn.block_buffers(
+            min(chunk_tokens, tokens), partition_vocab, weight
+        )
         for start in range(0, tokens, chunk_tokens):
             rows = slice(start, min(start + chunk_tokens, tokens))
-            logits = fn.chunk_logits(hidden[rows], weight)
+            count = rows.stop - rows.start
+            logits = fn.chunk_logits(hidden[rows], weight, logits_buffer[:count])
             if top1_out is not None:  # before the softmax pass, which may work on logits in place
                 top1_out.values[rows], top1_out.indices[rows] = logits.max(dim=-1)
-            softmax, chunk_entropy = fn.chunk_forward(logits, target[rows], config, tp_group)
-            del logits
+            work = logits if work_buffer is None else work_buffer[:count]
+            softmax, chunk_entropy = fn.chunk_forward(logits, work, target[rows], config, tp_group)
+            del logits, work
             ce[rows] = softmax.ce
             logits_max[rows] = softmax.logits_max
             lse[rows] = softmax.logits_max + torch.log(softmax.sum_exp)
@@ -204,6 +270,7 @@ class _FusedOutputWeightedCrossEntropy(torch.autograd.Function):
                 entropy_nats[rows] = chunk_entropy
             if nonfinite is not None:
                 nonfinite[rows] = softmax.nonfinite
+        del logits_buffer, work_buffer
         raise_on_bad_input(target, ignored, nonfinite, logits_max, vocab_size, config, target.shape)
         outputs = token_outputs(ce, entropy_nats, ignored, config, vocab_size)
         token_weight = outputs[2]
@@ -239,19 +306,33 @@ class _FusedOutputWeightedCrossEntropy(torch.autograd.Function):
         # Blocks of the vocabulary over all tokens (not chunks of tokens): each block's weight
         # gradient is one GEMM over every token, written once, as in the unfused backward.
         block = vocab_block_for_chunk(ctx.chunk_tokens, tokens, partition_vocab)
+        # Buffers reused by every block (see forward); the logits' one then holds the gradient
+        # in the operands' dtype, and on CPU the two products rounded to it have theirs.
+        logits_buffer = torch.empty(tokens, block, dtype=weight.dtype, device=weight.device)
+        scratch = fn.grad_scratch(tokens, block, weight)
+        rounded_products = scratch is not None and not hidden.is_cuda
+        hidden_product = (
+            hidden.new_empty(hidden.shape) if rounded_products and want_hidden else None
+        )
+        weight_product = None
+        if rounded_products and want_weight:
+            weight_product = hidden.new_empty(block, hidden.size(1))
         for start in range(0, partition_vocab, block):
             columns = slice(start, min(start + block, partition_vocab))
+            width = columns.stop - columns.start
             weight_block = weight[columns]
-            logits = fn.chunk_logits(hidden, weight_block)
+            logits = fn.chunk_logits(hidden, weight_block, _leading(logits_buffer, tokens, width))
             in_block = ~off_shard & (local_target >= columns.start) & (local_target < columns.stop)
-            block_target = (local_target - columns.start).clamp_(0, logits.size(-1) - 1)
-            grad_fp32 = fn.block_grad_logits(logits, lse, block_target, in_block, scale)
-            del logits
-            grad = grad_fp32.to(hidden.dtype)
+            block_target = (local_target - columns.start).clamp_(0, width - 1)
+            grad = fn.block_grad_logits_(logits, scratch, lse, block_target, in_block, scale)
             if grad_hidden is not None:
-                fn.add_matmul_(grad_hidden, grad, weight_block)
+                fn.add_matmul_(grad_hidden, grad, weight_block, hidden_product)
             if accumulator is not None:
-                fn.add_matmul_(accumulator[columns], grad.t(), hidden)
+                product = None
+                if weight_product is not None:
+                    product = _leading(weight_product, width, hidden.size(1))
+                fn.add_matmul_(accumulator[columns], grad.t(), hidden, product)
+        del logits_buffer, scratch, hidden_product, weight_product
         if grad_hidden is not None:
             grad_hidden = grad_hidden.to(hidden.dtype)
         grad_weight = None

@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 
-from megatron_eaft.ops import EAFTConfig, vocab_parallel_weighted_cross_entropy
+from megatron_eaft.ops import EAFTConfig, fused_output, vocab_parallel_weighted_cross_entropy
 from megatron_eaft.ops.fused_output import (
     LocalTop1,
     chunk_tokens_for_budget,
@@ -227,3 +227,23 @@ def test_shape_errors_are_named():
             config,
             chunk_tokens=0,
         )
+
+
+def test_backward_row_groups_give_the_same_gradients(monkeypatch):
+    """On CPU the backward forms each block's bf16 gradient a few rows at a time in an fp32
+    scratch; groups of 4 rows (not dividing the 18 tokens) equal one group bit for bit."""
+    hidden, weight, labels, loss_mask, grad = make_output_case(3, torch.bfloat16, "some")
+    config = EAFTConfig(topk=5)
+
+    def gradients():
+        _, hidden_grad, weight_grad = _fused(
+            hidden, weight, labels, config, None, loss_mask, grad, CHUNKS[1], False
+        )
+        return hidden_grad, weight_grad
+
+    one_group = gradients()
+    # chunk 18: one block of all 48 columns; fp32 rows of 4 * 48 values per group of 4.
+    monkeypatch.setattr(fused_output, "GRAD_SCRATCH_BYTES_CPU", 4 * 4 * VOCAB)
+    row_groups = gradients()
+    for got, expected in zip(row_groups, one_group, strict=True):
+        assert torch.equal(got, expected)
