@@ -446,8 +446,8 @@ def fused_and_unfused_mtp(megatron_dir: str, input_ids: torch.Tensor, tp: int) -
             output_layer_calls.append(tuple(args[0].shape))
         return original_forward(layer, *args, **kwargs)
 
-    def chunk_logits(hidden, weight):
-        logits = original_chunk_logits(hidden, weight)
+    def chunk_logits(hidden, weight, out):
+        logits = original_chunk_logits(hidden, weight, out)
         logits_sizes.append(logits.numel())
         return logits
 
