@@ -188,6 +188,7 @@ def _finetune(cfg, forward_step, input_ids: torch.Tensor) -> dict:
     from megatron.bridge.training.callbacks import Callback
     from megatron.bridge.training.finetune import finetune
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
     from megatron.core.utils import unwrap_model
 
@@ -215,6 +216,10 @@ def _finetune(cfg, forward_step, input_ids: torch.Tensor) -> dict:
     # Megatron's MTP loss tracker is process-wide too, and Bridge logs what it holds for any
     # provider with mtp_num_layers set, 0 included (GLM-4.7-Flash's without MTP layers).
     MTPLossLoggingHelper.tracker.clear()
+    # So is its MoE metrics tracker, whose entries keep the process groups of the run that made
+    # them: a previous job's EP groups made the next MoE job's ranks wait in different
+    # all-reduces (seen as a gloo timeout in glm4_moe_lite-DP2 after an EP2 case).
+    destroy_moe_metrics_tracker()
     with bridge_support.own_environment():
         finetune(cfg, forward_step_func=forward_step, callbacks=[Record()])
     return {"reports": reports, **final}
