@@ -193,6 +193,13 @@ class WorkerPool:
     def warm_up(self) -> None:
         self._start(range(self.size))
 
+    def restart(self) -> None:
+        """Replace every worker by a new process, so that the next job starts from a clean
+        interpreter, as a run launched on its own does (no module-level state, process groups
+        or threads left by earlier jobs)."""
+        self.close()
+        self._start(range(self.size))
+
     def _retire(self, slot: int) -> None:
         """Stop a healthy worker (the next job that needs its slot starts a fresh one)."""
         entry = self._workers[slot]

@@ -211,14 +211,12 @@ def _finetune(cfg, forward_step, input_ids: torch.Tensor) -> dict:
                 logits = model(input_ids=input_ids, position_ids=positions, attention_mask=None)
             final["logits"] = gather_from_tensor_model_parallel_region(logits).float()
 
-    # Megatron sets process-wide variables (NVTE_* for the attention backend) and so do Bridge
-    # recipes (env_vars): each job in this worker starts from and leaves the same environment.
-    # Megatron's MTP loss tracker is process-wide too, and Bridge logs what it holds for any
-    # provider with mtp_num_layers set, 0 included (GLM-4.7-Flash's without MTP layers).
+    # A job may run finetune() more than once (the Qwen3 job: Bridge's step, then EAFT's), and
+    # each starts from the process-wide state the first found: Megatron's environment variables
+    # (NVTE_* for the attention backend, and Bridge recipes' env_vars), its MTP loss tracker
+    # (logged for any provider with mtp_num_layers set, 0 included) and its MoE metrics tracker
+    # (whose entries keep the process groups of the run that made them).
     MTPLossLoggingHelper.tracker.clear()
-    # So is its MoE metrics tracker, whose entries keep the process groups of the run that made
-    # them: a previous job's EP groups made the next MoE job's ranks wait in different
-    # all-reduces (seen as a gloo timeout in glm4_moe_lite-DP2 after an EP2 case).
     destroy_moe_metrics_tracker()
     with bridge_support.own_environment():
         finetune(cfg, forward_step_func=forward_step, callbacks=[Record()])
@@ -353,6 +351,16 @@ def _autobridge_job(paths: dict[str, str], run: str, input_ids: torch.Tensor) ->
 # ---- the tests -----------------------------------------------------------------------------
 
 
+@pytest.fixture
+def bridge_run(bridge_dist):
+    """The package's Bridge workers, replaced first: each test's finetune() runs in new
+    processes, as a launched run does. Reused workers keep process-wide state of the jobs before
+    (Megatron's MoE metrics tracker held one job's EP groups), and in the slow suite two ranks
+    of a later MoE run, sharing that state, ended up waiting in different collectives."""
+    bridge_dist.restart()
+    return bridge_dist
+
+
 def _paths(tiny_run: dict[str, Path]) -> dict[str, str]:
     return {key: str(path) for key, path in tiny_run.items()}
 
@@ -364,10 +372,10 @@ def _export_equals_final_model(save_dir: Path, out: Path, input_ids, final_logit
 
 
 @pytest.mark.slow
-def test_qwen3_from_our_conversion_through_bridge_finetune_and_back(bridge_dist, tiny_run):
+def test_qwen3_from_our_conversion_through_bridge_finetune_and_back(bridge_run, tiny_run):
     vocab = read_model_metadata(tiny_run["qwen3_megatron"]).vocab_size
     input_ids = verify.sample_inputs(vocab, batch=2, seq_len=12, seed=7)
-    results = bridge_dist.run(_qwen3_job, TP, _paths(tiny_run), input_ids, timeout=600)[0]
+    results = bridge_run.run(_qwen3_job, TP, _paths(tiny_run), input_ids, timeout=600)[0]
 
     bridge, ours = results["bridge"]["reports"], results["eaft_sft"]["reports"]
     assert len(bridge) == len(ours) == ITERATIONS
@@ -385,7 +393,7 @@ def test_qwen3_from_our_conversion_through_bridge_finetune_and_back(bridge_dist,
         save_dir, tiny_run["root"] / "qwen3_export", input_ids, results["eaft_sft"]["logits"]
     )
     comparison = verify.verify_checkpoint(
-        tiny_run["root"] / "qwen3_export", save_dir, tp=TP, runner=bridge_dist.run
+        tiny_run["root"] / "qwen3_export", save_dir, tp=TP, runner=bridge_run.run
     )
     assert comparison.max_abs_diff < 1e-4 and comparison.top1_agreement == 1.0
 
@@ -409,10 +417,10 @@ def _model_of(metadata) -> dict:
 
 
 @pytest.mark.slow
-def test_glm4_our_conversion_bridge_finetune_our_export(bridge_dist, tiny_run):
+def test_glm4_our_conversion_bridge_finetune_our_export(bridge_run, tiny_run):
     vocab = read_model_metadata(tiny_run["glm4_megatron"]).vocab_size
     input_ids = verify.sample_inputs(vocab, batch=2, seq_len=12, seed=8)
-    result = bridge_dist.run(_glm4_job, TP, _paths(tiny_run), input_ids, timeout=600)[0]
+    result = bridge_run.run(_glm4_job, TP, _paths(tiny_run), input_ids, timeout=600)[0]
 
     reports = result["reports"]
     assert len(reports) == ITERATIONS
@@ -430,7 +438,7 @@ def test_glm4_our_conversion_bridge_finetune_our_export(bridge_dist, tiny_run):
 
 @pytest.mark.slow
 def test_a_megatron_eaft_finetune_checkpoint_is_a_bridge_pretrained_checkpoint(
-    dist, bridge_dist, tiny_run, tmp_path
+    dist, bridge_run, tiny_run, tmp_path
 ):
     vocab = read_model_metadata(tiny_run["qwen3_megatron"]).vocab_size
     data = train_helpers.write_sft_dataset(tmp_path / "data", packing="pad", vocab=vocab)
@@ -439,7 +447,7 @@ def test_a_megatron_eaft_finetune_checkpoint_is_a_bridge_pretrained_checkpoint(
 
     input_ids = verify.sample_inputs(vocab, batch=2, seq_len=12, seed=9)
     paths = {**_paths(tiny_run), "our_finetune": str(ours)}
-    result = bridge_dist.run(_bridge_from_our_finetune_job, TP, paths, input_ids, timeout=600)[0]
+    result = bridge_run.run(_bridge_from_our_finetune_job, TP, paths, input_ids, timeout=600)[0]
     assert all(set(EAFT_KEYS) <= step.keys() for step in result["reports"])
     # Learning rate 0: Bridge's final model is the one our trainer saved, whose export is
     # what transformers computes.
@@ -455,7 +463,7 @@ def test_a_megatron_eaft_finetune_checkpoint_is_a_bridge_pretrained_checkpoint(
 @pytest.mark.slow
 @pytest.mark.parametrize("run", AUTOBRIDGE_RUNS)
 def test_qwen3_5_and_glm4_7_flash_our_conversion_bridge_finetune_our_export(
-    bridge_dist, tiny_run, run
+    bridge_run, tiny_run, run
 ):
     """Qwen3.5 (TP=2, with and without an MTP layer), Qwen3.5-MoE and GLM-4.7-Flash (TP=1
     with DP=2; TP=2 with sequence parallelism and EP=2): ``convert import`` ->
@@ -463,7 +471,7 @@ def test_qwen3_5_and_glm4_7_flash_our_conversion_bridge_finetune_our_export(
     model, layout = AUTOBRIDGE_RUNS[run]
     imported = read_model_metadata(tiny_run[f"{model}_megatron"])
     input_ids = verify.sample_inputs(imported.vocab_size, batch=2, seq_len=12, seed=10)
-    result = bridge_dist.run(_autobridge_job, 2, _paths(tiny_run), run, input_ids, timeout=900)[0]
+    result = bridge_run.run(_autobridge_job, 2, _paths(tiny_run), run, input_ids, timeout=900)[0]
 
     reports = result["reports"]
     assert len(reports) == ITERATIONS

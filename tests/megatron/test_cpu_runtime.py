@@ -137,6 +137,25 @@ def test_a_worker_left_with_too_many_threads_is_replaced_after_its_job(light_poo
     assert after[1][1] == before[1][1], "rank 1's worker was healthy and should be kept"
 
 
+_MODULE_STATE: list[int] = []
+
+
+def _remember_a_job() -> tuple[int, int]:
+    """A job leaving process-wide state behind: how many jobs this process ran, and its pid."""
+    _MODULE_STATE.append(1)
+    return len(_MODULE_STATE), os.getpid()
+
+
+def test_restart_runs_the_next_job_in_new_processes_without_earlier_state(light_pool):
+    light_pool.run(_remember_a_job, 2)
+    before = light_pool.run(_remember_a_job, 2)
+    assert [jobs for jobs, _ in before] == [2, 2]  # reused workers keep what jobs left
+    light_pool.restart()
+    after = light_pool.run(_remember_a_job, 2)
+    assert [jobs for jobs, _ in after] == [1, 1]
+    assert {pid for _, pid in after}.isdisjoint(pid for _, pid in before)
+
+
 def _pinned_copies() -> tuple[bool, bool, str]:
     from megatron_eaft.megatron import cpu_runtime
 
