@@ -181,6 +181,7 @@ def apply_cpu_patches() -> None:
     # CPU run gains back (a Qwen3.5 TP1 step: 14 s compiled, 5.6 s eager, measured), and a
     # compiled TP all-reduce deadlocked gloo ranks. Eager execution computes the same.
     torch._dynamo.config.disable = True
+    _alltoall_split_sizes_as_on_gpu()
     _DEVICE_MODE = _CudaToCpuMode()
     _DEVICE_MODE.__enter__()
     _PATCHED = True
@@ -269,9 +270,7 @@ def apply_bridge_cpu_patches() -> None:
     when it counts a CUDA device; and the start-up "compiles" the dataset helpers with
     ``make``, which needs the Makefile the wheel leaves out (it ships them compiled). The
     fused-kernel warm-up is skipped as for Megatron-LM (CPU runs switch those fusions off).
-    Bridge's MoE providers pick Megatron-Core's all-to-all token dispatcher, whose split sizes
-    reach gloo as tensors on CPU (:func:`_alltoall_split_sizes_as_on_gpu`), and Bridge builds
-    a model's MTP block with Transformer Engine's modules whatever its layer spec
+    Bridge builds a model's MTP block with Transformer Engine's modules whatever its layer spec
     (:func:`_local_bridge_mtp_block_spec`).
     The run itself still needs the CPU settings: gloo, the local layer spec and attention
     backend, fusions off, fp32 (see ``tests/adapters/test_bridge_finetune.py``).
@@ -287,7 +286,6 @@ def apply_bridge_cpu_patches() -> None:
     initialize._set_random_seed = _seeding_cpu_rng_tracker(initialize._set_random_seed)
     initialize.compile_helpers = _compile_dataset_helpers_if_missing(initialize.compile_helpers)
     setup.set_jit_fusion_options = _skip_bridge_jit_warm_up
-    _alltoall_split_sizes_as_on_gpu()
     from megatron.bridge.models import gpt_provider
 
     gpt_provider.mtp_block_spec = _local_bridge_mtp_block_spec(gpt_provider.mtp_block_spec)
@@ -337,8 +335,9 @@ def _alltoall_split_sizes_as_on_gpu() -> None:
     ``MoEAlltoAllTokenDispatcher`` counts the tokens per rank on the device and turns the
     counts into numpy with ``moe_utils.maybe_move_tensor_to_cpu(..., as_numpy=True)``, which
     converts only CUDA tensors. On CPU the counts stay tensors, and ``all_to_all_single``
-    refuses tensors as split sizes (TypeError; gloo itself runs uneven all-to-all). Measured on
-    Bridge's Qwen3.5-MoE provider at TP2 with sequence parallelism and EP2.
+    refuses tensors as split sizes (TypeError; gloo itself runs uneven all-to-all). Found with
+    Bridge's Qwen3.5-MoE provider at TP2 with sequence parallelism and EP2; our own MoE models
+    use the same dispatcher on CPU and GPU.
     """
     from megatron.core.transformer.moe import token_dispatcher
 

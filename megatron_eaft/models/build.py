@@ -203,12 +203,10 @@ def _moe_settings(metadata: ModelMetadata, transformer_impl: str) -> dict[str, A
         "num_moe_experts"
     ):
         return {}
-    gloo = torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo"
     return {
-        # all-to-all is the expert-parallel dispatcher of choice. On gloo (CPU) Megatron's
-        # all-to-all dispatcher hands all_to_all_single its split sizes as tensors, which it
-        # refuses (only CUDA counts become lists); allgather computes the same.
-        "moe_token_dispatcher_type": "allgather" if gloo else "alltoall",
+        # all-to-all is the expert-parallel dispatcher of choice (on CPU too: cpu_runtime hands
+        # it its split sizes as it has them on a GPU).
+        "moe_token_dispatcher_type": "alltoall",
         "moe_grouped_gemm": transformer_impl == "transformer_engine",
     }
 
