@@ -17,8 +17,18 @@ thread per rank, CUDA events on GPU) and peak memory above the inputs (torch's C
 peak from the profiler's memory events in the warm-up call; torch.cuda.max_memory_allocated on
 GPU), and the ratios fused / unfused with the same entropy.
 
+``--trace-memory`` measures peak memory only, without running the kernels: each variant's
+forward and backward run under torch's FakeTensorMode (tensors with shapes and no storage), in
+this process, as rank 0 of a fake process group of TP ranks (the ranks hold equal shards), and
+torch's MemTracker adds up every tensor storage while it lives. So every size of the grid can be
+traced on any machine, those whose logits exceed its memory included, in seconds to minutes.
+What it does not see: memory that kernels allocate for themselves (GEMM packing, sort scratch).
+It runs the accelerator's asynchronous label check, not the CPU's host read (a fake tensor has
+no value to read); both hold O(T) flags.
+
 Goals (the project's issue): fused peak / unfused peak <= 0.25 at V = 248320, T = 16384; fused
-time <= 1.15x unfused on CPU. "met" is computed from this run's measurements only.
+time <= 1.15x unfused on CPU. "met" is computed from this run's measurements only (traced ones
+are printed as such).
 """
 
 from __future__ import annotations
@@ -209,6 +219,65 @@ def _bench_case(options: dict, case: dict, tp: int, rank: int, device: torch.dev
     }
 
 
+def _traced_case(options: dict, case: dict, tp: int, group: dist.ProcessGroup) -> dict:
+    """One size at one TP under --trace-memory: the peak above the inputs of each variant."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tokens, vocab, hidden_size = case["tokens"], case["vocab"], case["hidden"]
+    dtype = DTYPES[options["dtype"]]
+    names = [name for name in VARIANTS if name in options["variants"]]
+    peaks = {}
+    with FakeTensorMode():
+        labels = torch.randint(0, vocab, (tokens,))
+        hidden = torch.randn(tokens, hidden_size, dtype=dtype).requires_grad_()
+        weight = torch.randn(vocab // tp, hidden_size, dtype=dtype).requires_grad_()
+        main_grad = None
+        if options["main_grad"]:
+            main_grad = torch.zeros(weight.shape, dtype=torch.float32)
+        inputs = [t for t in (labels, hidden, weight, main_grad) if t is not None]
+        input_bytes = sum(t.numel() * t.element_size() for t in inputs)
+        functions = _variant_functions(
+            labels, group, options["topk"], options["chunk_tokens"], main_grad
+        )
+        for name in names:
+            hidden.grad = weight.grad = None
+            tracker = MemTracker()
+            tracker.track_external(*inputs)
+            with tracker:
+                functions[name](hidden, weight)
+            peak = tracker.get_tracker_snapshot("peak")
+            peaks[name] = sum(device["Total"] for device in peak.values()) - input_bytes
+    return {
+        "case": case,
+        "tp": tp,
+        "logits_shard_bytes": tokens * (vocab // tp) * torch.empty((), dtype=dtype).element_size(),
+        "loss_max_abs_diff_fused_vs_unfused": {},
+        "peak_bytes": peaks,
+        "rounds": [],
+        "traced": True,
+    }
+
+
+def _trace_memory(options: dict) -> list[dict]:
+    """--trace-memory: every size and TP of the grid traced in this process (see the top)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from megatron_eaft.ops import vocab_parallel
+
+    # A fake tensor has no value for the CPU's host-side label check to read.
+    vocab_parallel.checks_sync = lambda config, device: False
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=max(options["tp"]))
+    try:
+        groups = {tp: dist.new_group(ranks=list(range(tp))) for tp in options["tp"]}
+        return [
+            _traced_case(options, case, tp, groups[tp])
+            for case, tp in itertools.product(options["cases"], options["tp"])
+        ]
+    finally:
+        dist.destroy_process_group()
+
+
 def _rank_main(rank: int, world: int, options: dict, result_path: str) -> None:
     device = _join_benchmark(rank, world, options)
     try:
@@ -249,7 +318,10 @@ def _goal_lines(result: dict, device: str) -> list[str]:
         peak, elapsed = ratio["peak_ratio"], ratio["time_ratio_median"]
         if peak is not None and all(case[k] == v for k, v in GOAL_PEAK_AT.items()):
             met = "met" if peak <= GOAL_PEAK_RATIO else "NOT met"
-            lines.append(f"  goal {fused} peak / unfused <= {GOAL_PEAK_RATIO}: {peak:.3f} {met}")
+            how = " (traced)" if result.get("traced") else ""
+            lines.append(
+                f"  goal {fused} peak / unfused <= {GOAL_PEAK_RATIO}: {peak:.3f} {met}{how}"
+            )
         if elapsed is not None and device == "cpu":
             met = "met" if elapsed <= GOAL_TIME_RATIO else "NOT met"
             lines.append(
@@ -272,7 +344,7 @@ def _print_result(result: dict, device: str) -> None:
         ratio = result["fused_vs_unfused"].get(name, {})
         time_ratio, peak_ratio = ratio.get("time_ratio_median"), ratio.get("peak_ratio")
         print(
-            f"  {name:<20} {ms or float('nan'):>10.0f} "
+            f"  {name:<20} {'-' if ms is None else f'{ms:.0f}':>10} "
             f"{(peak or float('nan')) / 2**20:>10.0f} "
             f"{'' if time_ratio is None else f'{time_ratio:.3f}':>13} "
             f"{'' if peak_ratio is None else f'{peak_ratio:.3f}':>13}"
@@ -304,6 +376,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads per rank (default: cores / TP)"
+    )
+    parser.add_argument(
+        "--trace-memory",
+        action="store_true",
+        help="peak memory only, traced under FakeTensorMode without running the kernels (any "
+        "size on any machine; no times; see the module docstring)",
     )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--timeout-s", type=float, default=7200.0)
@@ -339,24 +417,33 @@ def main(argv: list[str] | None = None) -> int:
         "port": _free_port(),
     }
     clock = "cpu" if args.device == "cpu" and args.threads == 1 else "wall"
-    print(
-        f"bench_fused: {len(cases)} size(s) x TP {options['tp']}, {args.dtype} on {args.device}, "
-        f"1 warm-up + {args.rounds} timed rounds, K={args.topk}, {clock} clock",
-        flush=True,
-    )
     environment = _environment(args.device)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench_fused_") as scratch:
-        result_path = os.path.join(scratch, "rank0.json")
-        torch_mp.start_processes(
-            _rank_main,
-            args=(max(options["tp"]), options, result_path),
-            nprocs=max(options["tp"]),
-            join=True,
-            start_method="spawn",
+    if args.trace_memory:
+        clock = "none (traced)"
+        print(
+            f"bench_fused --trace-memory: {len(cases)} size(s) x TP {options['tp']}, "
+            f"{args.dtype}, K={args.topk}, peak memory traced under FakeTensorMode, no times",
+            flush=True,
         )
-        with open(result_path) as handle:
-            raw = json.load(handle)
+        raw = _trace_memory(options)
+    else:
+        print(
+            f"bench_fused: {len(cases)} size(s) x TP {options['tp']}, {args.dtype} on "
+            f"{args.device}, 1 warm-up + {args.rounds} timed rounds, K={args.topk}, {clock} clock",
+            flush=True,
+        )
+        with tempfile.TemporaryDirectory(prefix="bench_fused_") as scratch:
+            result_path = os.path.join(scratch, "rank0.json")
+            torch_mp.start_processes(
+                _rank_main,
+                args=(max(options["tp"]), options, result_path),
+                nprocs=max(options["tp"]),
+                join=True,
+                start_method="spawn",
+            )
+            with open(result_path) as handle:
+                raw = json.load(handle)
     results = [_summarise(one, clock) for one in raw]
     for result in results:
         _print_result(result, args.device)
@@ -366,7 +453,10 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment,
         "wall_s": time.perf_counter() - started,
         "memory_method": (
-            "torch.cuda.max_memory_allocated delta"
+            "traced: tensor storages alive at the peak (FakeTensorMode + MemTracker) above the "
+            "inputs, kernels' own workspaces not included"
+            if args.trace_memory
+            else "torch.cuda.max_memory_allocated delta"
             if args.device == "cuda"
             else "torch CPU allocator peak (profiler memory events) above the inputs"
         ),
