@@ -266,6 +266,7 @@ def _trace_memory(options: dict) -> list[dict]:
     from megatron_eaft.ops import vocab_parallel
 
     # A fake tensor has no value for the CPU's host-side label check to read.
+    checks_sync = vocab_parallel.checks_sync
     vocab_parallel.checks_sync = lambda config, device: False
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=max(options["tp"]))
     try:
@@ -276,6 +277,7 @@ def _trace_memory(options: dict) -> list[dict]:
         ]
     finally:
         dist.destroy_process_group()
+        vocab_parallel.checks_sync = checks_sync
 
 
 def _rank_main(rank: int, world: int, options: dict, result_path: str) -> None:
