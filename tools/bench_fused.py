@@ -143,12 +143,11 @@ def _variant_functions(
     }
 
 
-def _bench_case(options: dict, case: dict, tp: int, rank: int, device: torch.device) -> dict:
-    group = dist.new_group(ranks=list(range(tp)))  # collective: every rank calls it
-    if rank >= tp:
-        return {}
-    if device.type == "cpu":
-        torch.set_num_threads(options["threads"] or max(1, (os.cpu_count() or 1) // tp))
+def _case_inputs(
+    options: dict, case: dict, tp: int, rank: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(labels [T], hidden [T, h], this rank's weight shard [V/TP, h], its fp32 main_grad or
+    None): seeded, the same on every run; fake tensors under --trace-memory's FakeTensorMode."""
     tokens, vocab, hidden_size = case["tokens"], case["vocab"], case["hidden"]
     dtype = DTYPES[options["dtype"]]
     generator = torch.Generator().manual_seed(options["seed"])
@@ -162,6 +161,21 @@ def _bench_case(options: dict, case: dict, tp: int, rank: int, device: torch.dev
     main_grad = None
     if options["main_grad"]:
         main_grad = torch.zeros(weight.shape, dtype=torch.float32, device=device)
+    return labels, hidden, weight, main_grad
+
+
+def _logits_shard_bytes(options: dict, case: dict, tp: int) -> int:
+    element = torch.empty((), dtype=DTYPES[options["dtype"]]).element_size()
+    return case["tokens"] * (case["vocab"] // tp) * element
+
+
+def _bench_case(options: dict, case: dict, tp: int, rank: int, device: torch.device) -> dict:
+    group = dist.new_group(ranks=list(range(tp)))  # collective: every rank calls it
+    if rank >= tp:
+        return {}
+    if device.type == "cpu":
+        torch.set_num_threads(options["threads"] or max(1, (os.cpu_count() or 1) // tp))
+    labels, hidden, weight, main_grad = _case_inputs(options, case, tp, rank, device)
     functions = _variant_functions(
         labels, group, options["topk"], options["chunk_tokens"], main_grad
     )
@@ -212,7 +226,7 @@ def _bench_case(options: dict, case: dict, tp: int, rank: int, device: torch.dev
     return {
         "case": case,
         "tp": tp,
-        "logits_shard_bytes": tokens * (vocab // tp) * torch.empty((), dtype=dtype).element_size(),
+        "logits_shard_bytes": _logits_shard_bytes(options, case, tp),
         "loss_max_abs_diff_fused_vs_unfused": agreement,
         "peak_bytes": dict(zip(names, peaks, strict=True)),
         "rounds": rounds,
@@ -224,17 +238,10 @@ def _traced_case(options: dict, case: dict, tp: int, group: dist.ProcessGroup) -
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    tokens, vocab, hidden_size = case["tokens"], case["vocab"], case["hidden"]
-    dtype = DTYPES[options["dtype"]]
     names = [name for name in VARIANTS if name in options["variants"]]
     peaks = {}
     with FakeTensorMode():
-        labels = torch.randint(0, vocab, (tokens,))
-        hidden = torch.randn(tokens, hidden_size, dtype=dtype).requires_grad_()
-        weight = torch.randn(vocab // tp, hidden_size, dtype=dtype).requires_grad_()
-        main_grad = None
-        if options["main_grad"]:
-            main_grad = torch.zeros(weight.shape, dtype=torch.float32)
+        labels, hidden, weight, main_grad = _case_inputs(options, case, tp, 0, torch.device("cpu"))
         inputs = [t for t in (labels, hidden, weight, main_grad) if t is not None]
         input_bytes = sum(t.numel() * t.element_size() for t in inputs)
         functions = _variant_functions(
@@ -251,7 +258,7 @@ def _traced_case(options: dict, case: dict, tp: int, group: dist.ProcessGroup) -
     return {
         "case": case,
         "tp": tp,
-        "logits_shard_bytes": tokens * (vocab // tp) * torch.empty((), dtype=dtype).element_size(),
+        "logits_shard_bytes": _logits_shard_bytes(options, case, tp),
         "loss_max_abs_diff_fused_vs_unfused": {},
         "peak_bytes": peaks,
         "rounds": [],
