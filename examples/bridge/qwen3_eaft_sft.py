@@ -27,17 +27,19 @@ RECIPE_NAME_PATTERNS = ("qwen3_{size}_sft_config", "qwen3_{size}_finetune_config
 
 
 def qwen3_sft_recipe(size: str):
+    """Bridge's Qwen3 SFT recipe function of this size (not yet called: it fetches the HF
+    config of its model)."""
     from megatron.bridge.recipes import qwen
 
     for pattern in RECIPE_NAME_PATTERNS:
         recipe = getattr(qwen, pattern.format(size=size), None)
         if recipe is not None:
-            return recipe()
+            return recipe
     known = sorted(n for n in dir(qwen) if n.startswith("qwen3_") and "sft" in n)
     raise SystemExit(f"no Qwen3 {size} SFT recipe in this Megatron-Bridge; it has: {known}")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--size", default="8b", help="Qwen3 size of the recipe (600m, 1p7b, 4b, 8b, 14b, 32b)"
@@ -52,13 +54,13 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="local SFT JSONL/packed directory (default: the recipe's SQuAD from the HF hub)",
     )
-    return add_eaft_args(parser).parse_args()
+    return add_eaft_args(parser).parse_args(argv)
 
 
 def main() -> None:
     args = parse_args()
     eaft = eaft_config_from_args(args)
-    cfg = qwen3_sft_recipe(args.size)
+    cfg = qwen3_sft_recipe(args.size)()
     cfg.checkpoint.pretrained_checkpoint = args.pretrained_checkpoint
     cfg.checkpoint.save = args.save
     if args.train_iters is not None:

@@ -291,3 +291,37 @@ def test_glm4_example_provider_loads_our_conversion_and_matches_transformers(bri
     expected = verify.hf_logits(hf_dir, input_ids)
     logits = bridge_dist.run(_glm4_example_logits, 1, str(megatron_dir), input_ids)[0]
     torch.testing.assert_close(logits[..., : expected.size(-1)], expected, rtol=1e-4, atol=1e-4)
+
+
+QWEN3_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "bridge" / "qwen3_eaft_sft.py"
+# The README's command line for the Qwen3 example.
+QWEN3_README_ARGS = [
+    *("--size", "8b", "--pretrained-checkpoint", "/ckpt/qwen3-8b"),
+    *("--save", "/ckpt/qwen3-8b-eaft", "--eaft-kind", "eaft", "--eaft-topk", "20"),
+]
+
+
+def _qwen3_example_recipes(sizes: list[str]) -> dict:
+    """The Qwen3 example's argument line and Bridge recipe per size, in a Bridge worker."""
+    bridge_support.import_bridge()
+    from megatron_eaft.megatron.megatron_lm import eaft_config_from_args
+
+    spec = importlib.util.spec_from_file_location("qwen3_eaft_sft", QWEN3_EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = example.parse_args(QWEN3_README_ARGS)
+    return {
+        "eaft": eaft_config_from_args(args),
+        "recipes": {size: example.qwen3_sft_recipe(size).__name__ for size in sizes},
+    }
+
+
+def test_the_qwen3_examples_readme_command_finds_bridges_recipes(bridge_dist):
+    """The README's Qwen3 command parses, and every size its --size help names has a recipe in
+    Bridge 0.6.2 (calling one fetches the model's HF config, which the finetune() test does
+    from a local model instead)."""
+    sizes = ["600m", "1p7b", "4b", "8b", "14b", "32b"]
+    result = bridge_dist.run(_qwen3_example_recipes, 1, sizes)[0]
+    assert result["eaft"] == EAFTConfig(kind="eaft", topk=20)
+    assert set(result["recipes"]) == set(sizes)
+    assert all(name.startswith("qwen3_") for name in result["recipes"].values())

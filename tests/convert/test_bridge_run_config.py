@@ -13,11 +13,13 @@ from megatron_eaft.models.bridge_config import (
     metadata_from_bridge_run_config,
     read_model_metadata,
 )
+from megatron_eaft.models.families import all_families
 from megatron_eaft.models.metadata import MODEL_METADATA_FILE
 from tests.convert import tiny_models
 from tests.glm4 import glm4_models
 from tests.glm4_moe_lite import glm4_moe_lite_models
 from tests.qwen3_5 import qwen3_5_models
+from tests.qwen3_5_moe import qwen3_5_moe_models
 
 # What megatron.bridge.training.checkpointing._load_checkpoint_from_path (0.6.2) reads from it.
 BRIDGE_READS = {
@@ -29,12 +31,19 @@ BRIDGE_READS = {
 def _hf_model(family: str):
     if family == "glm4":
         return glm4_models.random_hf_model(glm4_models.tiny_hf_config(num_hidden_layers=1))
+    if family == "qwen3_5":
+        return qwen3_5_models.random_model(qwen3_5_models.text_config())
+    if family == "qwen3_5_moe":
+        return tiny_models.random_model(qwen3_5_moe_models.text_config())
+    if family == "glm4_moe_lite":
+        config = glm4_moe_lite_models.config(num_nextn_predict_layers=0)
+        return glm4_moe_lite_models.random_model(config)
     case = {"qwen2": "qwen2_tied", "qwen3": "qwen3_untied", "qwen3_moe": "qwen3_moe"}[family]
     return tiny_models.random_model(tiny_models.hf_config(case))
 
 
 @pytest.mark.parametrize("transformer_impl", ["local", "transformer_engine"])
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "qwen3_moe", "glm4"])
+@pytest.mark.parametrize("family", sorted(all_families()))  # a new family needs a case here
 def test_import_writes_the_run_config_bridge_loads(tmp_path, family, transformer_impl):
     _hf_model(family).save_pretrained(tmp_path / "hf")
     out = tmp_path / "megatron"
