@@ -237,6 +237,9 @@ def bridge_forward_step(
         "position_ids": batch["position_ids"],
         "attention_mask": batch.get("attention_mask"),
         "labels": labels,
+        # Megatron's MTP heads take their loss mask from here (all ones without it; Bridge's
+        # own gpt_step does not pass it).
+        "loss_mask": loss_mask,
     }
     if packed is not None:
         rows = next(t for t in (tokens, labels, loss_mask) if t is not None)

@@ -591,7 +591,7 @@ def _to_device(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_inputs(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, Any]:
-    """GPTModel.forward keyword arguments for a batch (tokens, labels, position_ids, and for
+    """GPTModel.forward keyword arguments for a batch (tokens, labels, loss_mask, position_ids, and for
     packed rows cu_seqlens: THD params where the attention supports them, else a mask)."""
     tokens = batch["tokens"]
     inputs: dict[str, Any] = {
@@ -599,6 +599,8 @@ def model_inputs(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict
         "position_ids": batch["position_ids"],
         "attention_mask": batch.get("attention_mask"),
         "labels": batch["labels"],
+        # Megatron's MTP heads take their loss mask from here (all ones without it).
+        "loss_mask": batch["loss_mask"],
     }
     cu_seqlens = batch.get("cu_seqlens")
     if cu_seqlens is not None:

@@ -103,6 +103,31 @@ def test_every_bridge_signature_gives_eaft_forward_steps_loss_at_tp2(bridge_dist
         _assert_same_loss(result["direct_state_call"], reference)
 
 
+def _model_inputs_of_the_bridge_step() -> dict:
+    from megatron_eaft.megatron.bridge import EAFTBridgeForwardStep
+
+    model, state = _setup(2)
+    batch = tiny_gpt.batch(5)
+    batch["loss_mask"][:, :10] = 0  # a prompt
+    given = []
+    forward = model.forward
+
+    def recording(*args, **kwargs):
+        given.append(kwargs)
+        return forward(*args, **kwargs)
+
+    model.forward = recording
+    _run(partial_state(EAFTBridgeForwardStep(EAFT), state), batch, model)
+    return {"given": given[0].get("loss_mask"), "batch": batch["loss_mask"]}
+
+
+def test_the_bridge_step_gives_the_model_the_loss_mask(bridge_dist):
+    """Megatron's MTP heads read it there (all ones without it), and fused_gradient: forward."""
+    for result in bridge_dist.run(_model_inputs_of_the_bridge_step, 2):
+        assert result["given"] is not None
+        assert torch.equal(result["given"].cpu(), result["batch"])
+
+
 def _against_bridge_gpt_step(config: EAFTConfig, training: bool) -> dict:
     bridge_support.import_bridge()
     from megatron.bridge.training import gpt_step

@@ -294,6 +294,51 @@ def test_mtp_modes_weight_the_mtp_heads_or_not_and_leave_the_main_head(dist, che
     assert torch.equal(mains["weighted"], mains["plain"])
 
 
+def mtp_loss_mask_given(megatron_dir: str, input_ids: torch.Tensor) -> dict:
+    """Rank function: the loss mask Megatron's process_mtp_loss gets from EAFTForwardStep (the
+    forward step of `finetune`), against the batch's."""
+    from unittest import mock
+
+    from megatron.core.models.gpt import gpt_model
+
+    from megatron_eaft.megatron import cpu_runtime
+    from megatron_eaft.megatron.loss import EAFTForwardStep
+    from megatron_eaft.models import ParallelLayout, build_model, load_model_weights
+    from megatron_eaft.models.bridge_config import read_model_metadata
+    from megatron_eaft.ops import EAFTConfig
+
+    cpu_runtime.initialize_parallel()
+    metadata = read_model_metadata(megatron_dir)
+    model = build_model(metadata, ParallelLayout(), dtype=torch.float32, transformer_impl="local")
+    load_model_weights(model, megatron_dir)
+    loss_mask = torch.ones(input_ids.shape)
+    loss_mask[:, : input_ids.shape[1] // 2] = 0  # a prompt: no loss on its positions
+    batch = {
+        "tokens": input_ids,
+        "labels": torch.roll(input_ids, -1, dims=1),
+        "loss_mask": loss_mask,
+        "position_ids": torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids),
+    }
+    given = []
+    original = gpt_model.process_mtp_loss
+
+    def recording(*args, **kwargs):
+        given.append(kwargs["loss_mask"])
+        return original(*args, **kwargs)
+
+    with mock.patch.object(gpt_model, "process_mtp_loss", recording), torch.no_grad():
+        EAFTForwardStep(EAFTConfig(kind="eaft"))(iter([batch]), model)
+    return {"given": given, "batch": loss_mask}
+
+
+def test_the_forward_step_gives_the_mtp_heads_the_loss_mask(dist, checkpoints):
+    """Without it Megatron's MTP loss counts every position (prompts and padding too)."""
+    input_ids, made = checkpoints
+    result = dist.run(mtp_loss_mask_given, 1, str(made["qwen3_5"].megatron_dir), input_ids)[0]
+    assert len(result["given"]) == 1 and result["given"][0] is not None
+    assert torch.equal(result["given"][0], result["batch"])
+
+
 # -- a finetune run ------------------------------------------------------------------------------
 
 
