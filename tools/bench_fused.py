@@ -8,6 +8,8 @@ Variants, all from the same hidden states ``[T, h]`` and output-weight shard ``[
   matmul_eaft_exact    the same with the exact entropy
   fused_eaft_topk      megatron_eaft.ops.fused_output_weighted_cross_entropy (top-K entropy)
   fused_eaft_exact     the same with the exact entropy
+  fused_*_forward      the same with gradient="forward": both gradients formed in the forward
+                       pass (one GEMM fewer; an fp32 weight-sized buffer until backward)
 
 Every (T, V, h) of the grid runs at each TP size, one spawned process per rank (gloo on CPU,
 NCCL with a GPU per rank on CUDA), variants interleaved in rotated rounds after a warm-up round
@@ -67,8 +69,15 @@ VARIANTS: dict[str, str] = {
     "matmul_eaft_exact": "output matmul + megatron_eaft EAFT, exact entropy",
     "fused_eaft_topk": "fused output layer + EAFT, top-K entropy",
     "fused_eaft_exact": "fused output layer + EAFT, exact entropy",
+    "fused_eaft_topk_forward": "fused, top-K entropy, gradients formed in the forward pass",
+    "fused_eaft_exact_forward": "fused, exact entropy, gradients formed in the forward pass",
 }
-FUSED_VS_UNFUSED = {"fused_eaft_topk": "matmul_eaft_topk", "fused_eaft_exact": "matmul_eaft_exact"}
+FUSED_VS_UNFUSED = {
+    "fused_eaft_topk": "matmul_eaft_topk",
+    "fused_eaft_exact": "matmul_eaft_exact",
+    "fused_eaft_topk_forward": "matmul_eaft_topk",
+    "fused_eaft_exact_forward": "matmul_eaft_exact",
+}
 GOAL_PEAK_RATIO = 0.25
 GOAL_PEAK_AT = {"vocab": 248320, "tokens": 16384}
 GOAL_TIME_RATIO = 1.15
@@ -116,7 +125,7 @@ def _variant_functions(
 
         return run
 
-    def fused(entropy: str):
+    def fused(entropy: str, gradient: str = "recompute"):
         config = EAFTConfig(kind="eaft", entropy=entropy, topk=topk)
 
         def run(hidden, weight):
@@ -128,6 +137,7 @@ def _variant_functions(
                 group,
                 chunk_tokens=chunk_tokens,
                 main_grad=main_grad,
+                gradient=gradient,
             )
             out.loss.sum().backward()
             return out.loss.detach()
@@ -140,6 +150,8 @@ def _variant_functions(
         "matmul_eaft_exact": unfused("exact"),
         "fused_eaft_topk": fused("topk"),
         "fused_eaft_exact": fused("exact"),
+        "fused_eaft_topk_forward": fused("topk", "forward"),
+        "fused_eaft_exact_forward": fused("exact", "forward"),
     }
 
 
@@ -345,15 +357,17 @@ def _print_result(result: dict, device: str) -> None:
         f"\nT={case['tokens']} V={case['vocab']} h={case['hidden']} TP={result['tp']} "
         f"(logits shard {result['logits_shard_bytes'] / 2**20:.0f} MiB, {result['clock']} clock)"
     )
+    width = max(len(name) for name in result["time_ms_median"])
     print(
-        f"  {'variant':<20} {'ms':>10} {'peak MiB':>10} {'time/unfused':>13} {'peak/unfused':>13}"
+        f"  {'variant':<{width}} {'ms':>10} {'peak MiB':>10} {'time/unfused':>13} "
+        f"{'peak/unfused':>13}"
     )
     for name, ms in result["time_ms_median"].items():
         peak = result["peak_bytes"][name]
         ratio = result["fused_vs_unfused"].get(name, {})
         time_ratio, peak_ratio = ratio.get("time_ratio_median"), ratio.get("peak_ratio")
         print(
-            f"  {name:<20} {'-' if ms is None else f'{ms:.0f}':>10} "
+            f"  {name:<{width}} {'-' if ms is None else f'{ms:.0f}':>10} "
             f"{(peak or float('nan')) / 2**20:>10.0f} "
             f"{'' if time_ratio is None else f'{time_ratio:.3f}':>13} "
             f"{'' if peak_ratio is None else f'{peak_ratio:.3f}':>13}"

@@ -9,8 +9,10 @@
 #                               (the first step's loss is a function of the same logits)
 #   4. NCCL TP2                 (2+ GPUs) one TE step at TP 2: the loss must match 3
 #   5. fused vs unfused, cuda   the fused op against the unfused one in bf16 on the GPU: loss,
-#                               hidden and weight gradients (main_grad: addmm with out_dtype)
-#   6. finetune, TE, fused      one step with eaft.fused_output: the loss must match 3
+#                               hidden and weight gradients (main_grad: addmm with out_dtype),
+#                               both fused_gradient modes
+#   6. finetune, TE, fused      one step with eaft.fused_output: the loss must match 3; again
+#                               with eaft.fused_gradient=forward
 #   7. bench_loss --device cuda bf16 CE vs EAFT top-K vs exact at T=4096, V=151936
 #   8. bench_fused --device cuda bf16 output matmul + CE / EAFT vs fused, T=4096, V=151936, h=2560
 #
@@ -127,24 +129,27 @@ for entropy in ("topk", "exact"):
     weight = (torch.randn(V, h, device=device) * 0.05).to(torch.bfloat16)
     labels = torch.randint(0, V, (T,), device=device)
     labels[:7] = -100
-    grad = torch.rand(T, device=device)
-    paths = {}
-    for fused in (False, True):
-        x = hidden.clone().requires_grad_()
-        w = weight.clone().requires_grad_()
-        main_grad = torch.zeros(V, h, device=device) if fused else None
-        if fused:
-            out = fused_output_weighted_cross_entropy(
-                x, w, labels, config, chunk_tokens=700, main_grad=main_grad
-            )
-        else:
-            out = vocab_parallel_weighted_cross_entropy(x @ w.t(), labels, config)
-        (out.loss * grad).sum().backward()
-        paths[fused] = (out.loss.float(), x.grad.float(), main_grad if fused else w.grad.float())
-    for name, got, expected in zip(("loss", "grad hidden", "grad weight"), paths[True],
-                                   paths[False], strict=True):
-        scale = float(expected.abs().max())
-        worst[f"{entropy} {name}"] = float((got - expected).abs().max()) / scale
+    # recompute: any upstream gradient; forward: one value per weighted token (a differing one
+    # would trip its asynchronous device assertion and end the CUDA context).
+    upstreams = {"recompute": torch.rand(T, device=device), "forward": torch.full((T,), 0.37, device=device)}
+    for gradient, grad in upstreams.items():
+        paths = {}
+        for fused in (False, True):
+            x = hidden.clone().requires_grad_()
+            w = weight.clone().requires_grad_()
+            main_grad = torch.zeros(V, h, device=device) if fused else None
+            if fused:
+                out = fused_output_weighted_cross_entropy(
+                    x, w, labels, config, chunk_tokens=700, main_grad=main_grad, gradient=gradient
+                )
+            else:
+                out = vocab_parallel_weighted_cross_entropy(x @ w.t(), labels, config)
+            (out.loss * grad).sum().backward()
+            paths[fused] = (out.loss.float(), x.grad.float(), main_grad if fused else w.grad.float())
+        for name, got, expected in zip(("loss", "grad hidden", "grad weight"), paths[True],
+                                       paths[False], strict=True):
+            scale = float(expected.abs().max())
+            worst[f"{entropy} {gradient} {name}"] = float((got - expected).abs().max()) / scale
 bound = 2**-6  # a couple of bf16 ulps of the largest value
 bad = {k: v for k, v in worst.items() if v > bound}
 print("max |fused - unfused| / max|unfused|: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
@@ -180,6 +185,10 @@ run_check "finetune TE bf16" finetune te_bf16 1 model.transformer_impl=transform
 run_check "finetune TE bf16 fused" finetune te_fused 1 model.transformer_impl=transformer_engine \
     model.dtype=bf16 eaft.fused_output=true eaft.fused_chunk_tokens=24
 run_check "fused loss = unfused" same_loss te_fused te_bf16 1e-3
+run_check "finetune TE bf16 fused fwd" finetune te_fused_fwd 1 \
+    model.transformer_impl=transformer_engine model.dtype=bf16 eaft.fused_output=true \
+    eaft.fused_chunk_tokens=24 eaft.fused_gradient=forward
+run_check "fused fwd loss = unfused" same_loss te_fused_fwd te_bf16 1e-3
 run_check "bench_loss cuda bf16" bench bench_loss.py --dtype bf16 --tokens 4096 --vocab 151936 \
     --tp 1 --rounds 3
 TP_BENCH=(1)

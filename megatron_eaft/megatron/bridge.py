@@ -238,7 +238,8 @@ def bridge_forward_step(
         "attention_mask": batch.get("attention_mask"),
         "labels": labels,
         # Megatron's MTP heads take their loss mask from here (all ones without it; Bridge's
-        # own gpt_step does not pass it).
+        # own gpt_step does not pass it), and the fused main head needs it for
+        # fused_gradient: forward.
         "loss_mask": loss_mask,
     }
     if packed is not None:

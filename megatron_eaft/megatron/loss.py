@@ -327,13 +327,28 @@ def fused_output_processor(
     labels: torch.Tensor,
     eaft_config: EAFTConfig,
     tp_group,
+    loss_mask: torch.Tensor | None = None,
     **unused: Any,
 ) -> torch.Tensor:
     """GPTModel's ``output_processor``: the per-token loss [b, s] of the main head, as
-    ``compute_language_model_loss`` returns it, with ``eaft_stats`` on it."""
+    ``compute_language_model_loss`` returns it, with ``eaft_stats`` on it.
+
+    With ``fused_gradient: forward`` the gradients are formed in the forward pass where the
+    model was given the loss mask: the loss function's upstream gradient is then one value on
+    every weighted token (Megatron's ``sum(loss * loss_mask)``, scaled); without the mask the
+    logits are recomputed in backward."""
     weight = output_layer.weight if output_weight is None else output_weight
+    gradient = eaft_config.fused_gradient if loss_mask is not None else "recompute"
     per_token, _ = fused_head_loss(
-        hidden_states, output_layer, weight, labels, eaft_config, tp_group, local_top1=False
+        hidden_states,
+        output_layer,
+        weight,
+        labels,
+        eaft_config,
+        tp_group,
+        local_top1=False,
+        loss_mask=loss_mask if gradient == "forward" else None,
+        gradient=gradient,
     )
     loss = per_token.loss
     if eaft_config.kind != "sft" or eaft_config.diagnostics:
@@ -350,12 +365,16 @@ def fused_head_loss(
     eaft_config: EAFTConfig,
     tp_group,
     local_top1: bool,
+    loss_mask: torch.Tensor | None = None,
+    gradient: str = "recompute",
 ) -> tuple[TokenLoss, LocalTop1 | None]:
     """One head's output layer + loss, fused: per-token outputs [b, s] (Megatron's loss layout)
-    and, when asked, the shard-local top-1 [s, b] (the logits' layout)."""
+    and, when asked, the shard-local top-1 [s, b] (the logits' layout). ``loss_mask`` [b, s]:
+    positions without loss get weight 0 (their gradient, whatever the upstream one, is 0)."""
     hidden = output_layer_input(hidden_states, output_layer, tp_group)
     main_grad, placeholder = _weight_grad_sink(weight, output_layer)
     target = labels.transpose(0, 1).contiguous()
+    mask = None if loss_mask is None else loss_mask.transpose(0, 1).contiguous()
     top1 = LocalTop1.empty(target.shape, hidden.dtype, hidden.device) if local_top1 else None
     out = fused_output_weighted_cross_entropy(
         hidden,
@@ -363,11 +382,13 @@ def fused_head_loss(
         target,
         eaft_config,
         tp_group,
+        mask,
         chunk_tokens=eaft_config.fused_chunk_tokens or None,
         chunk_memory_bytes=eaft_config.fused_chunk_memory_mib << 20,
         main_grad=main_grad,
         main_grad_placeholder=placeholder,
         top1_out=top1,
+        gradient=gradient,
     )
     return TokenLoss(*(t.transpose(0, 1).contiguous() for t in out)), top1
 
@@ -599,7 +620,8 @@ def model_inputs(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict
         "position_ids": batch["position_ids"],
         "attention_mask": batch.get("attention_mask"),
         "labels": batch["labels"],
-        # Megatron's MTP heads take their loss mask from here (all ones without it).
+        # Megatron's MTP heads take their loss mask from here (all ones without it), and the
+        # fused main head forms its gradients in the forward pass only with it.
         "loss_mask": batch["loss_mask"],
     }
     cu_seqlens = batch.get("cu_seqlens")

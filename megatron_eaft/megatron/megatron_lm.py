@@ -38,7 +38,14 @@ from megatron_eaft.megatron.loss import (
     unwrap_model,
     uses_local_attention,
 )
-from megatron_eaft.ops.config import ENTROPY_MODES, KINDS, MTP_MODES, NORMS, EAFTConfig
+from megatron_eaft.ops.config import (
+    ENTROPY_MODES,
+    FUSED_GRADIENTS,
+    KINDS,
+    MTP_MODES,
+    NORMS,
+    EAFTConfig,
+)
 
 # Keys of the batch dict pretrain_gpt.py's get_batch hands around (alphabetical, as Megatron's).
 BATCH_KEYS = (
@@ -186,6 +193,16 @@ EAFT_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
         "--eaft-fused-chunk-memory-mib",
         "fused_chunk_memory_mib",
         {"type": _int_at_least(1), "help": "Memory budget of one fused chunk's logits (MiB)."},
+    ),
+    (
+        "--eaft-fused-gradient",
+        "fused_gradient",
+        {
+            "choices": FUSED_GRADIENTS,
+            "help": "How --eaft-fused-output forms its gradients: recompute (the logits again "
+            "in backward) or forward (in the forward pass: one output-layer GEMM fewer, an fp32 "
+            "weight-sized buffer until backward).",
+        },
     ),
     (
         "--eaft-mtp",

@@ -10,11 +10,13 @@ Kind = Literal["sft", "dft", "eaft", "sigmoid", "masked"]
 EntropyMode = Literal["topk", "exact"]
 Norm = Literal["lnk", "paper", "lnv"]
 MTPMode = Literal["weighted", "plain"]
+FusedGradient = Literal["recompute", "forward"]
 
 KINDS: tuple[str, ...] = ("sft", "dft", "eaft", "sigmoid", "masked")
 ENTROPY_MODES: tuple[str, ...] = ("topk", "exact")
 NORMS: tuple[str, ...] = ("lnk", "paper", "lnv")
 MTP_MODES: tuple[str, ...] = ("weighted", "plain")
+FUSED_GRADIENTS: tuple[str, ...] = ("recompute", "forward")
 # The EAFT authors' code divides the top-20 entropy by 3.0 rather than ln 20 = 2.9957.
 PAPER_NORMALISER = 3.0
 
@@ -44,6 +46,11 @@ class EAFTConfig:
         fused_chunk_memory_mib.
     fused_chunk_memory_mib: working memory of one chunk's logits (MiB) when the chunk size is
         derived.
+    fused_gradient: how the fused path forms its gradients: recompute (backward recomputes
+        the logits; no assumption) or forward (formed in the forward pass, one output-layer
+        GEMM fewer, plus an fp32 weight-sized buffer held until backward; the weight gradient
+        needs one upstream gradient for every loss-masked token, as Megatron's loss functions
+        give: checked, see README).
     mtp: the loss of multi-token-prediction heads (models with MTP layers): weighted (each
         head's cross-entropy weighted like the main head's, from that head's own logits) or
         plain (Megatron's cross-entropy; the main head keeps its weighting).
@@ -66,11 +73,18 @@ class EAFTConfig:
     fused_output: bool = False
     fused_chunk_tokens: int = 0
     fused_chunk_memory_mib: int = 1024
+    fused_gradient: FusedGradient = "recompute"
     mtp: MTPMode = "weighted"
 
     def __post_init__(self) -> None:
         _require(self.kind in KINDS, "kind", self.kind, f"one of {', '.join(KINDS)}")
         _require(self.mtp in MTP_MODES, "mtp", self.mtp, f"one of {', '.join(MTP_MODES)}")
+        _require(
+            self.fused_gradient in FUSED_GRADIENTS,
+            "fused_gradient",
+            self.fused_gradient,
+            f"one of {', '.join(FUSED_GRADIENTS)}",
+        )
         _require(
             self.entropy in ENTROPY_MODES,
             "entropy",

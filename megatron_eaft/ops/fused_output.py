@@ -24,6 +24,16 @@ would re-read and re-write the whole fp32 weight gradient once per chunk, which 
 the GEMM itself at small chunks. ``grad_hidden`` is this rank's partial sum over its vocabulary
 shard; the caller reduces it over TP as ColumnParallelLinear's backward does.
 
+With ``gradient="forward"`` both gradients are formed in the forward pass instead, one GEMM
+fewer (3, as unfused): after each chunk's softmax pass its ``g = w * (softmax - onehot)`` for an
+upstream gradient of 1, ``hidden_grad[chunk] = g @ weight`` and ``weight_grad += g^T @
+hidden_chunk`` (fp32, read and written once per chunk). Backward scales each hidden-gradient row
+by its token's upstream gradient (exact for any) and the weight gradient by the one upstream
+value all tokens of nonzero weight share (Megatron's ``sum(loss * loss_mask)``, scaled, with the
+loss mask given here); where they differ it is recomputed as above (checked on the host where
+that is free, else by an asynchronous device assertion). Costs an fp32 weight-sized buffer and
+a ``[T, h]`` one from forward to backward.
+
 Every chunk and every block reuses one set of buffers (logits, fp32 working copy, the CPU
 products), and on CPU the backward forms a block's gradient a few rows at a time in a
 cache-sized fp32 scratch, in place in the block's logits. Fresh chunk-sized tensors per chunk
@@ -43,13 +53,16 @@ and, for a weight without a ``main_grad``, an fp32 weight-sized one.
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from megatron_eaft.ops.config import EAFTConfig
+from megatron_eaft.ops import vocab_parallel
+from megatron_eaft.ops.config import FUSED_GRADIENTS, EAFTConfig, FusedGradient
 from megatron_eaft.ops.vocab_parallel import (
     TokenLoss,
     global_topk_values,
@@ -91,12 +104,19 @@ class LocalTop1(NamedTuple):
         )
 
 
-def chunk_tokens_for_budget(budget_bytes: int, partition_vocab: int, dtype: torch.dtype) -> int:
+def chunk_tokens_for_budget(
+    budget_bytes: int,
+    partition_vocab: int,
+    dtype: torch.dtype,
+    gradient: FusedGradient = "recompute",
+) -> int:
     """Tokens per chunk whose logits and their fp32 working copies fit ``budget_bytes``."""
     element = torch.empty((), dtype=dtype).element_size()
-    # fp32: the logits are the working copy and the gradient is formed in place.
-    per_token = partition_vocab * (4 if element >= 4 else 4 + 2 * element)
-    return max(1, budget_bytes // per_token)
+    # fp32 logits are their own working copy, unless the forward pass forms the gradient from
+    # them after the softmax pass (then it needs them intact, and a copy).
+    fp32_per_value = 8 if gradient == "forward" else 4
+    per_value = fp32_per_value if element >= 4 else 4 + 2 * element
+    return max(1, budget_bytes // (partition_vocab * per_value))
 
 
 def vocab_block_for_chunk(chunk_tokens: int, tokens: int, partition_vocab: int) -> int:
@@ -124,11 +144,12 @@ class _FusedOutputWeightedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def block_buffers(
-        rows: int, columns: int, weight: torch.Tensor
+        rows: int, columns: int, weight: torch.Tensor, keep_logits: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logits in the weight's dtype, their fp32 working copy, None when that is fp32)."""
+        """(logits in the weight's dtype, their fp32 working copy; None when the logits are fp32
+        and need not outlive the softmax pass, which then runs on them in place)."""
         logits = torch.empty(rows, columns, dtype=weight.dtype, device=weight.device)
-        if weight.dtype == torch.float32:
+        if weight.dtype == torch.float32 and not keep_logits:
             return logits, None
         return logits, torch.empty(rows, columns, dtype=torch.float32, device=weight.device)
 
@@ -219,103 +240,59 @@ class _FusedOutputWeightedCrossEntropy(torch.autograd.Function):
             accumulator.add_(torch.mm(left, right, out=product))
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
+    def add_weight_grad_(
+        accumulator: torch.Tensor,
+        grad_logits: torch.Tensor,
+        hidden_rows: torch.Tensor,
+        product: torch.Tensor | None,
+    ) -> None:
+        """accumulator [V/TP, h] += grad_logits^T @ hidden_rows, in blocks of ``product``'s rows
+        where the CPU needs a rounded product (else one GEMM)."""
+        if product is None:
+            fn = _FusedOutputWeightedCrossEntropy
+            fn.add_matmul_(accumulator, grad_logits.t(), hidden_rows)
+            return
+        rows = product.size(0)
+        for start in range(0, accumulator.size(0), rows):
+            columns = slice(start, min(start + rows, accumulator.size(0)))
+            _FusedOutputWeightedCrossEntropy.add_matmul_(
+                accumulator[columns],
+                grad_logits[:, columns].t(),
+                hidden_rows,
+                product[: columns.stop - columns.start],
+            )
+
+    @staticmethod
+    def recompute_gradients_(
         hidden: torch.Tensor,
         weight: torch.Tensor,
         target: torch.Tensor,
-        config: EAFTConfig,
-        tp_group: dist.ProcessGroup | None,
-        loss_mask: torch.Tensor | None,
+        lse: torch.Tensor,
+        scale: torch.Tensor,
         chunk_tokens: int,
-        main_grad: torch.Tensor | None,
-        main_grad_placeholder: WeightGradPlaceholder,
-        top1_out: LocalTop1 | None,
-    ):
+        tp_group: dist.ProcessGroup | None,
+        grad_hidden: torch.Tensor | None,
+        accumulator: torch.Tensor | None,
+    ) -> None:
+        """Both gradients from recomputed logits, added into ``grad_hidden`` (fp32 [T, h]) and
+        ``accumulator`` (fp32 [V/TP, h]) where given: a block of vocabulary columns at a time
+        over all tokens, so each block's weight gradient is one GEMM over every token, written
+        once, as in the unfused backward."""
         fn = _FusedOutputWeightedCrossEntropy
-        _, world = group_rank_and_size(tp_group)
-        partition_vocab = weight.size(0)
-        vocab_size = partition_vocab * world
-        config.validate_vocab(vocab_size)
-        tokens = hidden.size(0)
-        ignored = ignored_positions(target, config, loss_mask)
-
-        ce = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(ce)
-        logits_max = torch.empty_like(ce)
-        entropy_nats = torch.empty_like(ce) if config.needs_entropy else None
-        nonfinite = (
-            torch.empty(tokens, dtype=torch.bool, device=hidden.device)
-            if config.check_finite
-            else None
-        )
-        # One logits buffer and one fp32 working buffer for every chunk: fresh chunk-sized
-        # tensors per chunk cost more in page faults on CPU than the softmax pass itself.
-        logits_buffer, work_buffer = fn.block_buffers(
-            min(chunk_tokens, tokens), partition_vocab, weight
-        )
-        for start in range(0, tokens, chunk_tokens):
-            rows = slice(start, min(start + chunk_tokens, tokens))
-            count = rows.stop - rows.start
-            logits = fn.chunk_logits(hidden[rows], weight, logits_buffer[:count])
-            if top1_out is not None:  # before the softmax pass, which may work on logits in place
-                top1_out.values[rows], top1_out.indices[rows] = logits.max(dim=-1)
-            work = logits if work_buffer is None else work_buffer[:count]
-            softmax, chunk_entropy = fn.chunk_forward(logits, work, target[rows], config, tp_group)
-            del logits, work
-            ce[rows] = softmax.ce
-            logits_max[rows] = softmax.logits_max
-            lse[rows] = softmax.logits_max + torch.log(softmax.sum_exp)
-            if entropy_nats is not None:
-                entropy_nats[rows] = chunk_entropy
-            if nonfinite is not None:
-                nonfinite[rows] = softmax.nonfinite
-        del logits_buffer, work_buffer
-        raise_on_bad_input(target, ignored, nonfinite, logits_max, vocab_size, config, target.shape)
-        outputs = token_outputs(ce, entropy_nats, ignored, config, vocab_size)
-        token_weight = outputs[2]
-        # Rows of weight 0 get lse = +inf: exp(x - lse) = 0, so they add exactly nothing to
-        # either gradient whatever their logits (-inf rows included).
-        lse.masked_fill_(token_weight == 0, float("inf"))
-
-        ctx.save_for_backward(hidden, weight, target, lse, token_weight)
-        ctx.tp_group = tp_group
-        ctx.chunk_tokens = chunk_tokens
-        ctx.main_grad = main_grad
-        ctx.main_grad_placeholder = main_grad_placeholder
-        ctx.mark_non_differentiable(*outputs[1:])
-        return outputs
-
-    @staticmethod
-    def backward(ctx, grad_loss, *unused_grads):  # type: ignore[override]
-        fn = _FusedOutputWeightedCrossEntropy
-        hidden, weight, target, lse, token_weight = ctx.saved_tensors
-        rank, _ = group_rank_and_size(ctx.tp_group)
-        scale = grad_loss.reshape(-1).float() * token_weight
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        rank, _ = group_rank_and_size(tp_group)
         tokens, partition_vocab = hidden.size(0), weight.size(0)
-        grad_hidden = None
-        if want_hidden:
-            grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        accumulator = None
-        if want_weight:
-            accumulator = ctx.main_grad
-            if accumulator is None:
-                accumulator = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         local_target, off_shard = shard_targets(target, rank, partition_vocab)
-        # Blocks of the vocabulary over all tokens (not chunks of tokens): each block's weight
-        # gradient is one GEMM over every token, written once, as in the unfused backward.
-        block = vocab_block_for_chunk(ctx.chunk_tokens, tokens, partition_vocab)
+        block = vocab_block_for_chunk(chunk_tokens, tokens, partition_vocab)
         # Buffers reused by every block (see forward); the logits' one then holds the gradient
         # in the operands' dtype, and on CPU the two products rounded to it have theirs.
         logits_buffer = torch.empty(tokens, block, dtype=weight.dtype, device=weight.device)
         scratch = fn.grad_scratch(tokens, block, weight)
         rounded_products = scratch is not None and not hidden.is_cuda
         hidden_product = (
-            hidden.new_empty(hidden.shape) if rounded_products and want_hidden else None
+            hidden.new_empty(hidden.shape) if rounded_products and grad_hidden is not None else None
         )
         weight_product = None
-        if rounded_products and want_weight:
+        if rounded_products and accumulator is not None:
             weight_product = hidden.new_empty(block, hidden.size(1))
         for start in range(0, partition_vocab, block):
             columns = slice(start, min(start + block, partition_vocab))
@@ -332,16 +309,263 @@ class _FusedOutputWeightedCrossEntropy(torch.autograd.Function):
                 if weight_product is not None:
                     product = _leading(weight_product, width, hidden.size(1))
                 fn.add_matmul_(accumulator[columns], grad.t(), hidden, product)
-        del logits_buffer, scratch, hidden_product, weight_product
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden.to(hidden.dtype)
+
+    @staticmethod
+    def one_upstream_value(
+        grad_loss: torch.Tensor, token_weight: torch.Tensor, config: EAFTConfig
+    ) -> torch.Tensor | None:
+        """The upstream gradient shared by every token of nonzero weight (0-dim; 0 when there
+        is none), or None when they differ, for the weight gradient formed in the forward pass.
+
+        Megatron's loss functions give ``c * loss_mask`` and the fused loss knows the mask, so
+        the weighted tokens share one value. Where a host read is free (CPU) or allowed
+        (check_finite), differing values return None (the caller recomputes); otherwise an
+        asynchronous device assertion checks it without a sync.
+        """
+        weighted = token_weight != 0
+        highest = torch.where(weighted, grad_loss, -math.inf).amax()
+        lowest = torch.where(weighted, grad_loss, math.inf).amin()
+        any_weighted = weighted.any()
+        shared = (highest == lowest) | ~any_weighted
+        # Looked up on the module: one switch for every input check (tools/bench_fused.py).
+        if not vocab_parallel.checks_sync(config, grad_loss.device):
+            torch._assert_async(shared, _DIFFERING_UPSTREAM)
+        elif not bool(shared):
+            return None
+        return torch.where(any_weighted, highest, 0.0)
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        target: torch.Tensor,
+        config: EAFTConfig,
+        tp_group: dist.ProcessGroup | None,
+        loss_mask: torch.Tensor | None,
+        chunk_tokens: int,
+        main_grad: torch.Tensor | None,
+        main_grad_placeholder: WeightGradPlaceholder,
+        top1_out: LocalTop1 | None,
+        gradient_in_forward: bool,
+    ):
+        fn = _FusedOutputWeightedCrossEntropy
+        _, world = group_rank_and_size(tp_group)
+        partition_vocab = weight.size(0)
+        vocab_size = partition_vocab * world
+        config.validate_vocab(vocab_size)
+        tokens = hidden.size(0)
+        ignored = ignored_positions(target, config, loss_mask)
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gradient_in_forward = gradient_in_forward and (want_hidden or want_weight)
+
+        outputs = [
+            torch.empty(tokens, dtype=torch.float32, device=hidden.device)
+            for _ in TokenLoss._fields
+        ]
+        lse = torch.empty_like(outputs[0])
+        logits_max = torch.empty_like(outputs[0])
+        nonfinite = (
+            torch.empty(tokens, dtype=torch.bool, device=hidden.device)
+            if config.check_finite
+            else None
+        )
+        # One logits buffer and one fp32 working buffer for every chunk: fresh chunk-sized
+        # tensors per chunk cost more in page faults on CPU than the softmax pass itself.
+        chunk_rows = min(chunk_tokens, tokens)
+        logits_buffer, work_buffer = fn.block_buffers(
+            chunk_rows, partition_vocab, weight, keep_logits=gradient_in_forward
+        )
+        formed = None
+        if gradient_in_forward:
+            formed = _FormedGradients.empty(
+                hidden, weight, chunk_rows, want_hidden, want_weight, work_buffer
+            )
+        for start in range(0, tokens, chunk_tokens):
+            rows = slice(start, min(start + chunk_tokens, tokens))
+            count = rows.stop - rows.start
+            logits = fn.chunk_logits(hidden[rows], weight, logits_buffer[:count])
+            if top1_out is not None:  # before the softmax pass, which may work on logits in place
+                top1_out.values[rows], top1_out.indices[rows] = logits.max(dim=-1)
+            work = logits if work_buffer is None else work_buffer[:count]
+            softmax, chunk_entropy = fn.chunk_forward(logits, work, target[rows], config, tp_group)
+            del work
+            chunk_outputs = token_outputs(
+                softmax.ce, chunk_entropy, ignored[rows], config, vocab_size
+            )
+            for whole, part in zip(outputs, chunk_outputs, strict=True):
+                whole[rows] = part
+            logits_max[rows] = softmax.logits_max
+            chunk_lse = softmax.logits_max + torch.log(softmax.sum_exp)
+            # Rows of weight 0 get lse = +inf: exp(x - lse) = 0, so they add exactly nothing to
+            # either gradient whatever their logits (-inf rows included).
+            chunk_lse.masked_fill_(chunk_outputs[2] == 0, math.inf)
+            lse[rows] = chunk_lse
+            if nonfinite is not None:
+                nonfinite[rows] = softmax.nonfinite
+            if formed is not None:
+                grad = fn.block_grad_logits_(
+                    logits,
+                    formed.scratch,
+                    chunk_lse,
+                    softmax.local_target,
+                    ~softmax.off_shard,
+                    chunk_outputs[2],
+                )
+                formed.add_chunk_(rows, grad, hidden[rows], weight)
+            del logits
+        del logits_buffer, work_buffer
+        raise_on_bad_input(target, ignored, nonfinite, logits_max, vocab_size, config, target.shape)
+
+        ctx.save_for_backward(hidden, weight, target, lse, outputs[2])
+        ctx.config = config
+        ctx.tp_group = tp_group
+        ctx.chunk_tokens = chunk_tokens
+        ctx.main_grad = main_grad
+        ctx.main_grad_placeholder = main_grad_placeholder
+        ctx.formed = formed
+        ctx.mark_non_differentiable(*outputs[1:])
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused_grads):  # type: ignore[override]
+        fn = _FusedOutputWeightedCrossEntropy
+        hidden, weight, target, lse, token_weight = ctx.saved_tensors
+        grad_loss = grad_loss.reshape(-1).float()
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        formed: _FormedGradients | None = ctx.formed
+        ctx.formed = None
+        grad_hidden, upstream = None, None
+        recompute_hidden = want_hidden and formed is None
+        recompute_weight = want_weight and formed is None
+        if formed is not None:
+            if want_hidden:
+                grad_hidden = formed.scaled_hidden_grad(grad_loss)
+            if want_weight:
+                upstream = fn.one_upstream_value(grad_loss, token_weight, ctx.config)
+                if upstream is None:
+                    # Differing upstream values: the weight gradient from recomputed logits.
+                    _warn_once_recomputing()
+                    formed.weight_grad = None
+                    recompute_weight = True
+        accumulator = None
+        if want_weight:
+            accumulator = ctx.main_grad
+            if upstream is not None:
+                if accumulator is None:
+                    accumulator = formed.weight_grad.mul_(upstream)
+                else:
+                    accumulator.addcmul_(formed.weight_grad, upstream)
+            elif accumulator is None:
+                accumulator = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        if recompute_hidden or recompute_weight:
+            hidden_sum = None
+            if recompute_hidden:
+                hidden_sum = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+            fn.recompute_gradients_(
+                hidden,
+                weight,
+                target,
+                lse,
+                grad_loss * token_weight,
+                ctx.chunk_tokens,
+                ctx.tp_group,
+                hidden_sum,
+                accumulator if recompute_weight else None,
+            )
+            if hidden_sum is not None:
+                grad_hidden = hidden_sum.to(hidden.dtype)
         grad_weight = None
         if accumulator is not None:
             if ctx.main_grad is not None:
                 grad_weight = ctx.main_grad_placeholder(weight)
             else:
                 grad_weight = accumulator.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
+
+
+_logger = logging.getLogger(__name__)
+_warned_recomputing = False
+
+
+def _warn_once_recomputing() -> None:
+    global _warned_recomputing
+    if not _warned_recomputing:
+        _warned_recomputing = True
+        _logger.warning(
+            "eaft fused_gradient='forward': the upstream gradient differs between weighted "
+            "tokens (not sum(loss * loss_mask) times a constant, or the loss mask was not "
+            "given to the model), so the output weight's gradient is recomputed in backward: "
+            "slower than fused_gradient='recompute'"
+        )
+
+
+_DIFFERING_UPSTREAM = (
+    "eaft fused_gradient='forward' formed the output weight's gradient in the forward pass for "
+    "one upstream gradient shared by every weighted token, but they differ (a loss function "
+    "that is not sum(loss * loss_mask) times a constant); use fused_gradient='recompute'"
+)
+
+
+class _FormedGradients:
+    """The gradients formed in the forward pass for an upstream gradient of 1 per token: the
+    hidden states' ``[T, h]`` (rows scaled by each token's upstream value in backward, exact for
+    any) and the output weight's fp32 ``[V/TP, h]`` (one upstream value for all tokens).
+
+    ``chunk_rows`` x V/TP logits make each chunk's weight-gradient GEMM; its fp32 accumulator is
+    read and written once per chunk.
+    """
+
+    def __init__(
+        self,
+        hidden_grad: torch.Tensor | None,
+        weight_grad: torch.Tensor | None,
+        scratch: torch.Tensor | None,
+        weight_product: torch.Tensor | None,
+    ):
+        self.hidden_grad = hidden_grad
+        self.weight_grad = weight_grad
+        self.scratch = scratch
+        self.weight_product = weight_product
+
+    @classmethod
+    def empty(
+        cls,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        chunk_rows: int,
+        want_hidden: bool,
+        want_weight: bool,
+        work_buffer: torch.Tensor | None,
+    ) -> _FormedGradients:
+        fn = _FusedOutputWeightedCrossEntropy
+        partition_vocab, hidden_size = weight.shape
+        hidden_grad = hidden.new_empty(hidden.shape) if want_hidden else None
+        weight_grad = None
+        if want_weight:
+            weight_grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        scratch = fn.grad_scratch(chunk_rows, partition_vocab, weight)
+        if scratch is not None and work_buffer is not None and weight.device.type != "cpu":
+            scratch = work_buffer  # free once the softmax pass is done: the chunk's fp32 rows
+        weight_product = None
+        if want_weight and scratch is not None and not weight.is_cuda:
+            # The CPU's rounded [rows, h] products, as many values as a chunk's logits.
+            rows = max(1, min(partition_vocab, chunk_rows * partition_vocab // hidden_size))
+            weight_product = weight.new_empty(rows, hidden_size)
+        return cls(hidden_grad, weight_grad, scratch, weight_product)
+
+    def add_chunk_(
+        self, rows: slice, grad_logits: torch.Tensor, hidden_rows: torch.Tensor, weight
+    ) -> None:
+        fn = _FusedOutputWeightedCrossEntropy
+        if self.hidden_grad is not None:
+            torch.mm(grad_logits, weight, out=self.hidden_grad[rows])
+        if self.weight_grad is not None:
+            fn.add_weight_grad_(self.weight_grad, grad_logits, hidden_rows, self.weight_product)
+
+    def scaled_hidden_grad(self, grad_loss: torch.Tensor) -> torch.Tensor:
+        assert self.hidden_grad is not None
+        return torch.mul(self.hidden_grad, grad_loss.unsqueeze(-1), out=self.hidden_grad)
 
 
 def fused_output_weighted_cross_entropy(
@@ -356,6 +580,7 @@ def fused_output_weighted_cross_entropy(
     main_grad: torch.Tensor | None = None,
     main_grad_placeholder: WeightGradPlaceholder = _no_placeholder,
     top1_out: LocalTop1 | None = None,
+    gradient: FusedGradient = "recompute",
 ) -> TokenLoss:
     """Per-token EAFT (or baseline) loss of ``hidden @ weight^T`` without the full logits.
 
@@ -372,6 +597,12 @@ def fused_output_weighted_cross_entropy(
             ``main_grad_placeholder(weight)``.
         top1_out: optional :meth:`LocalTop1.empty` of target's shape, filled with each
             position's shard-local top-1 logit and column (``logits.max(dim=-1)``).
+        gradient: ``recompute`` (backward recomputes the logits: exact for any upstream
+            gradient) or ``forward`` (both gradients formed in the forward pass, one GEMM
+            fewer; the weight's is exact when every token of nonzero weight gets the same
+            upstream gradient, as from ``sum(loss * loss_mask) * c`` with ``loss_mask`` given
+            here: see :meth:`_FusedOutputWeightedCrossEntropy.one_upstream_value`). Without
+            autograd (evaluation) both only compute the loss.
 
     The returned ``grad`` of ``hidden`` is this rank's partial sum over its vocabulary shard.
     """
@@ -387,8 +618,12 @@ def fused_output_weighted_cross_entropy(
             f"hidden states {tuple(hidden.shape)} and labels {tuple(target.shape)} disagree on "
             "the number of positions"
         )
+    if gradient not in FUSED_GRADIENTS:
+        raise ValueError(f"gradient={gradient!r} is invalid: must be one of {FUSED_GRADIENTS}")
     if chunk_tokens is None:
-        chunk_tokens = chunk_tokens_for_budget(chunk_memory_bytes, weight.size(0), weight.dtype)
+        chunk_tokens = chunk_tokens_for_budget(
+            chunk_memory_bytes, weight.size(0), weight.dtype, gradient
+        )
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens} is invalid: must be >= 1")
     if main_grad is not None and main_grad.shape != weight.shape:
@@ -415,5 +650,6 @@ def fused_output_weighted_cross_entropy(
         main_grad,
         main_grad_placeholder,
         top1_1d,
+        gradient == "forward" and torch.is_grad_enabled(),
     )
     return TokenLoss(*(t.view(target.shape) for t in outputs))

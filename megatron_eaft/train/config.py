@@ -646,6 +646,8 @@ KEY_HELP: dict[str, str] = {
     "eaft.fused_output": "output layer + loss in chunks: the logits never materialise",
     "eaft.fused_chunk_tokens": "tokens per fused chunk (0: from fused_chunk_memory_mib)",
     "eaft.fused_chunk_memory_mib": "memory budget of one fused chunk's logits (MiB)",
+    "eaft.fused_gradient": "fused gradients: recompute (logits again in backward) or forward "
+    "(one GEMM fewer, an fp32 weight-sized buffer)",
     "eaft.mtp": "MTP heads' loss: weighted (like the main head, own logits) or plain (CE)",
     "checkpoint.save": "directory for iter_XXXXXXX checkpoints (and resume)",
     "checkpoint.save_interval": "steps between checkpoints (also saved at the end and on SIGTERM)",

@@ -1,6 +1,7 @@
 """eaft fused_output inside a GPTModel equals the unfused seam: the loss, the per-token
 statistics and every parameter's gradient, tied and untied embeddings, with DDP's main_grad
-under gradient-accumulation fusion; and the processor equals ColumnParallelLinear + the loss
+under gradient-accumulation fusion, the gradients recomputed in backward or formed in the
+forward pass (fused_gradient); and the processor equals ColumnParallelLinear + the loss
 under sequence parallelism (a CPU GPTModel cannot run SP: its local norms refuse it).
 
 One pool job per TP size builds the tiny model for each case and runs both paths on it.
@@ -15,6 +16,7 @@ import torch
 
 from megatron_eaft.ops import EAFTConfig
 from tests.megatron import tiny_gpt
+from tests.ops.cases import CountedRecomputes
 
 CONFIGS = (
     EAFTConfig(kind="eaft", topk=8, check_finite=True),
@@ -47,18 +49,23 @@ def _model(tied: bool):
     return model
 
 
-def _forward_backward(model, config: EAFTConfig, data: dict) -> dict:
+def _forward_backward(model, config: EAFTConfig, data: dict, give_mask: bool = False) -> dict:
+    """One forward and backward of ``sum(loss * loss_mask)``; ``give_mask``: the model is given
+    the loss mask too (as our forward steps do), which fused_gradient: forward needs."""
     from megatron_eaft.megatron.loss import install_eaft_loss
 
     handle = install_eaft_loss(model, config)
     try:
         model.zero_grad(set_to_none=True)
-        loss = model(data["tokens"], data["position_ids"], None, labels=data["labels"])
-        (loss * data["loss_mask"]).sum().backward()
+        mask = {"loss_mask": data["loss_mask"]} if give_mask else {}
+        with CountedRecomputes() as recomputes:
+            loss = model(data["tokens"], data["position_ids"], None, labels=data["labels"], **mask)
+            (loss * data["loss_mask"]).sum().backward()
     finally:
         handle.remove()
     stats = getattr(loss, "eaft_stats", None)
     return {
+        "recomputes": recomputes.count,
         "loss": loss.detach(),
         "stats": None if stats is None else stats._replace(loss=stats.loss.detach()),
         "grads": {name: p.grad.clone() for name, p in model.named_parameters()},
@@ -77,11 +84,23 @@ def _compare_paths(tp: int) -> list[dict]:
             fused_config = dataclasses.replace(
                 config, fused_output=True, fused_chunk_tokens=CHUNK_TOKENS
             )
+            formed_config = dataclasses.replace(fused_config, fused_gradient="forward")
+            unfused = _forward_backward(model, config, data)
+            label = f"{config.kind}/{config.entropy} tied={tied} TP={tp}"
             results.append(
                 {
-                    "label": f"{config.kind}/{config.entropy} tied={tied} TP={tp}",
-                    "unfused": _forward_backward(model, config, data),
+                    "label": label,
+                    "unfused": unfused,
                     "fused": _forward_backward(model, fused_config, data),
+                    "mask": None,
+                }
+            )
+            results.append(
+                {
+                    "label": f"{label} fused_gradient=forward",
+                    "unfused": unfused,
+                    "fused": _forward_backward(model, formed_config, data, give_mask=True),
+                    "mask": data["loss_mask"].bool(),
                 }
             )
     return results
@@ -112,20 +131,38 @@ def test_fused_output_equals_the_unfused_seam(dist, tp):
     for rank_results in dist.run(_compare_paths, tp, tp):
         for case in rank_results:
             label, unfused, fused = case["label"], case["unfused"], case["fused"]
+            # Given the loss mask, the fused loss has weight 0 where it is 0 (and the loss
+            # function multiplies by it): compare the positions with loss.
+            mask = case["mask"]
+
+            def with_loss(values, mask=mask):
+                return values if mask is None else values[mask]
+
             torch.testing.assert_close(
-                fused["loss"], unfused["loss"], rtol=1e-5, atol=1e-5, msg=label
+                with_loss(fused["loss"]),
+                with_loss(unfused["loss"]),
+                rtol=1e-5,
+                atol=1e-5,
+                msg=label,
             )
             assert (fused["stats"] is None) == (unfused["stats"] is None), label
             if unfused["stats"] is not None:
-                assert_same_stats(fused["stats"], unfused["stats"], label)
+                assert_same_stats(
+                    type(fused["stats"])(*map(with_loss, fused["stats"])),
+                    type(unfused["stats"])(*map(with_loss, unfused["stats"])),
+                    label,
+                )
+            # Formed in the forward pass: no backward recomputation of the logits.
+            assert fused["recomputes"] == (0 if mask is not None else 1), label
             assert fused["grads"].keys() == unfused["grads"].keys()
             for name, grad in unfused["grads"].items():
                 assert_grad_close(fused["grads"][name], grad, f"{name} {label}")
 
 
-def _main_grad_step(tp: int, tied: bool) -> dict:
+def _main_grad_step(tp: int, tied: bool, gradient: str) -> dict:
     """Through Megatron's DDP (fp32 main_grad buffers): unfused, then fused with the output
-    layer's gradient_accumulation_fusion on (the fused path adds straight into main_grad)."""
+    layer's gradient_accumulation_fusion on (the fused path adds into main_grad; formed in the
+    forward pass, in backward)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_eaft.megatron import cpu_runtime
@@ -143,10 +180,17 @@ def _main_grad_step(tp: int, tied: bool) -> dict:
         if fused:
             model.output_layer.gradient_accumulation_fusion = True
         ddp.zero_grad_buffer()
-        install_eaft_loss(
-            model, dataclasses.replace(config, fused_output=fused, fused_chunk_tokens=CHUNK_TOKENS)
+        fused_config = dataclasses.replace(
+            config, fused_output=fused, fused_chunk_tokens=CHUNK_TOKENS, fused_gradient=gradient
         )
-        loss = ddp(data["tokens"], data["position_ids"], None, labels=data["labels"])
+        install_eaft_loss(model, fused_config)
+        loss = ddp(
+            data["tokens"],
+            data["position_ids"],
+            None,
+            labels=data["labels"],
+            loss_mask=data["loss_mask"],
+        )
         (loss * data["loss_mask"]).sum().backward()
         main_grads[fused] = {n: p.main_grad.clone() for n, p in model.named_parameters()}
         output_weight = (
@@ -156,9 +200,11 @@ def _main_grad_step(tp: int, tied: bool) -> dict:
     return main_grads
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_fused_output_adds_into_main_grad_like_megatron(dist, tied):
-    for main_grads in dist.run(_main_grad_step, 2, 2, tied):
+@pytest.mark.parametrize(
+    ("tied", "gradient"), [(False, "recompute"), (True, "recompute"), (True, "forward")]
+)
+def test_fused_output_adds_into_main_grad_like_megatron(dist, tied, gradient):
+    for main_grads in dist.run(_main_grad_step, 2, 2, tied, gradient):
         assert main_grads["added by fused=True"] and not main_grads["added by fused=False"]
         for name, grad in main_grads[False].items():
             assert_grad_close(main_grads[True][name], grad, name)
@@ -234,9 +280,10 @@ def _sequence_parallel_processor(tp: int) -> list[dict]:
         full_hidden = torch.randn(tiny_gpt.SEQ, tiny_gpt.MICRO_BATCH, 64)
         hidden = full_hidden.chunk(tp)[group.rank()].contiguous()
         labels = tiny_gpt.batch(4)["labels"]
+        loss_mask = tiny_gpt.batch(4)["loss_mask"]
         for eaft in CONFIGS[:2]:
             paths = {}
-            for fused in (False, True):
+            for fused in (None, "recompute", "forward"):
                 layer.weight.grad = None
                 local = hidden.clone().requires_grad_()
                 if fused:
@@ -245,8 +292,12 @@ def _sequence_parallel_processor(tp: int) -> list[dict]:
                         output_layer=layer,
                         output_weight=None,
                         labels=labels,
+                        loss_mask=loss_mask,
                         eaft_config=dataclasses.replace(
-                            eaft, fused_output=True, fused_chunk_tokens=CHUNK_TOKENS
+                            eaft,
+                            fused_output=True,
+                            fused_chunk_tokens=CHUNK_TOKENS,
+                            fused_gradient=fused,
                         ),
                         tp_group=group,
                     )
@@ -255,8 +306,12 @@ def _sequence_parallel_processor(tp: int) -> list[dict]:
                     loss = vocab_parallel_weighted_cross_entropy(
                         logits, labels.t().contiguous(), eaft, group
                     ).loss.t()
-                loss.sum().backward()
-                paths[fused] = (loss.detach(), local.grad, layer.weight.grad.clone())
+                (loss * loss_mask).sum().backward()
+                paths[fused] = (
+                    (loss * loss_mask).detach(),
+                    local.grad,
+                    layer.weight.grad.clone(),
+                )
             results.append({"label": f"{eaft.entropy} SP TP={tp}", "paths": paths})
     return results
 
@@ -264,8 +319,12 @@ def _sequence_parallel_processor(tp: int) -> list[dict]:
 def test_fused_processor_under_sequence_parallelism(dist):
     for rank_results in dist.run(_sequence_parallel_processor, 2, 2):
         for case in rank_results:
-            unfused, fused = case["paths"][False], case["paths"][True]
-            for name, got, expected in zip(
-                ("loss", "hidden grad", "weight grad"), fused, unfused, strict=True
-            ):
-                assert_grad_close(got, expected, f"{name} {case['label']}")
+            unfused = case["paths"][None]
+            for gradient in ("recompute", "forward"):
+                for name, got, expected in zip(
+                    ("loss", "hidden grad", "weight grad"),
+                    case["paths"][gradient],
+                    unfused,
+                    strict=True,
+                ):
+                    assert_grad_close(got, expected, f"{name} {case['label']} {gradient}")

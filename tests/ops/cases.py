@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from megatron_eaft.ops import EAFTConfig
+from megatron_eaft.ops import EAFTConfig, fused_output
 
 KINDS = ("sft", "dft", "eaft", "sigmoid", "masked")
 ENTROPY_MODES = ("topk", "exact")
@@ -41,3 +41,25 @@ def make_case(seed: int, seq: int, batch: int, vocab: int, dtype: torch.dtype):
     loss_mask = (torch.rand(seq, batch, generator=generator) > 0.25).float()
     grad = torch.rand(seq, batch, generator=generator) + 0.5
     return logits, labels, loss_mask, grad
+
+
+class CountedRecomputes:
+    """Counts the fused loss's backward recomputations of the logits (every backward with
+    gradient='recompute'; with 'forward' only its fallback for differing upstream values)."""
+
+    def __enter__(self) -> CountedRecomputes:
+        function = fused_output._FusedOutputWeightedCrossEntropy
+        self.original = function.recompute_gradients_
+        self.count = 0
+
+        def counted(*args):
+            self.count += 1
+            return self.original(*args)
+
+        function.recompute_gradients_ = staticmethod(counted)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fused_output._FusedOutputWeightedCrossEntropy.recompute_gradients_ = staticmethod(
+            self.original
+        )

@@ -1,7 +1,9 @@
 """The fused output-layer loss against the unfused one (output matmul, then the vocab-parallel
 loss on the logits) at TP = 1, 2, 4: every kind, both entropy modes, fp32 and bf16, chunk sizes
-that do not divide the token count, masked and all-masked batches, main_grad accumulation; and
-the shard-local top-1 it keeps on request against ``max(dim=-1)`` of the logits.
+that do not divide the token count, masked and all-masked batches, main_grad accumulation, the
+gradients recomputed in backward and formed in the forward pass (with its recomputing fallback
+for upstream gradients that differ per token); and the shard-local top-1 it keeps on request
+against ``max(dim=-1)`` of the logits.
 
 One pool job per TP size runs every case and returns what the test compares.
 """
@@ -13,13 +15,18 @@ import itertools
 import pytest
 import torch
 
-from megatron_eaft.ops import EAFTConfig, fused_output, vocab_parallel_weighted_cross_entropy
+from megatron_eaft.ops import (
+    EAFTConfig,
+    fused_output,
+    vocab_parallel,
+    vocab_parallel_weighted_cross_entropy,
+)
 from megatron_eaft.ops.fused_output import (
     LocalTop1,
     chunk_tokens_for_budget,
     fused_output_weighted_cross_entropy,
 )
-from tests.ops.cases import all_configs
+from tests.ops.cases import CountedRecomputes, all_configs
 
 SEQ, BATCH, HIDDEN, VOCAB = 6, 3, 16, 48  # 18 tokens
 CHUNKS = (5, 18)  # 5 does not divide 18; 18 is one chunk
@@ -54,7 +61,9 @@ def _unfused(hidden, weight_shard, labels, config, group, loss_mask, grad):
     return out._replace(loss=out.loss.detach()), hidden.grad, weight_shard.grad
 
 
-def _fused(hidden, weight_shard, labels, config, group, loss_mask, grad, chunk, main_grad):
+def _fused(
+    hidden, weight_shard, labels, config, group, loss_mask, grad, chunk, main_grad, gradient
+):
     hidden = hidden.clone().requires_grad_()
     weight_shard = weight_shard.clone().requires_grad_()
     accumulator = None
@@ -69,6 +78,7 @@ def _fused(hidden, weight_shard, labels, config, group, loss_mask, grad, chunk, 
         loss_mask,
         chunk_tokens=chunk,
         main_grad=accumulator,
+        gradient=gradient,
     )
     (out.loss * grad).sum().backward()
     weight_grad = weight_shard.grad if accumulator is None else accumulator - 0.5
@@ -77,24 +87,58 @@ def _fused(hidden, weight_shard, labels, config, group, loss_mask, grad, chunk, 
     return out._replace(loss=out.loss.detach()), hidden.grad, weight_grad
 
 
+# (gradient mode, chunk, main_grad, upstream): "masked" is Megatron's c * loss_mask, one value
+# for every weighted token (formed in the forward pass); "random" differs per token (recompute,
+# and for "forward" the recomputing fallback of the weight gradient).
+FUSED_RUNS = (
+    ("recompute", CHUNKS[0], False, "random"),
+    ("recompute", CHUNKS[0], True, "random"),
+    ("recompute", CHUNKS[1], False, "random"),
+    ("forward", CHUNKS[0], False, "masked"),
+    ("forward", CHUNKS[0], True, "masked"),
+    ("forward", CHUNKS[1], False, "random"),
+)
+
+
 def _run_cases() -> list[dict]:
     group = torch.distributed.group.WORLD
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     results = []
     configs = all_configs(topk=5)
     for dtype, mask, (index, config) in itertools.product(DTYPES, MASKS, enumerate(configs)):
-        hidden, weight, labels, loss_mask, grad = make_output_case(index, dtype, mask)
+        hidden, weight, labels, loss_mask, random_grad = make_output_case(index, dtype, mask)
+        upstreams = {"random": random_grad, "masked": 0.37 * loss_mask}
         shard = weight.chunk(world, dim=0)[rank].contiguous()
-        expected = _unfused(hidden, shard, labels, config, group, loss_mask, grad)
-        for chunk, main_grad in ((CHUNKS[0], False), (CHUNKS[0], True), (CHUNKS[1], False)):
-            got = _fused(hidden, shard, labels, config, group, loss_mask, grad, chunk, main_grad)
+        expected = {
+            name: _unfused(hidden, shard, labels, config, group, loss_mask, grad)
+            for name, grad in upstreams.items()
+        }
+        for gradient, chunk, main_grad, upstream in FUSED_RUNS:
+            with CountedRecomputes() as recomputes:
+                got = _fused(
+                    hidden,
+                    shard,
+                    labels,
+                    config,
+                    group,
+                    loss_mask,
+                    upstreams[upstream],
+                    chunk,
+                    main_grad,
+                    gradient,
+                )
             results.append(
                 {
                     "label": f"{config.kind}/{config.entropy}/{dtype}/mask={mask}/chunk={chunk}"
-                    f"/main_grad={main_grad} TP={world}",
+                    f"/main_grad={main_grad}/gradient={gradient}/upstream={upstream} TP={world}",
                     "dtype": dtype,
-                    "expected": expected,
+                    "expected": expected[upstream],
                     "got": got,
+                    "recomputes": recomputes.count,
+                    # No weighted token (all masked): nothing to recompute.
+                    "recomputes_expected": int(
+                        gradient == "recompute" or (upstream == "random" and mask == "some")
+                    ),
                 }
             )
     return results, _top1_cases(group, rank, world)
@@ -139,6 +183,8 @@ def _assert_matches(case: dict) -> None:
         # gradient is summed in fp32 over vocabulary blocks before its one rounding (CPU:
         # one bf16 rounding per block first), so they differ by a couple of bf16 ulps
         # (2^-8 relative each). Chunk 5 makes 13-column blocks at TP1: they do not divide V.
+        # Formed in the forward pass, the hidden gradient is rounded after its GEMM and again
+        # after the upstream scale, and the CPU's weight gradient once per chunk.
         tolerance = {"rtol": 1e-5, "atol": 1e-5}
         grad_tolerance = {"rtol": 2**-6, "atol": 2**-6}
     for name in FIELDS:
@@ -164,6 +210,7 @@ def test_fused_equals_unfused_for_every_case(dist, world):
     for rank_results in per_rank:
         for case in rank_results:
             _assert_matches(case)
+            assert case["recomputes"] == case["recomputes_expected"], case["label"]
     for _, top1_cases in per_rank_results:
         for case in top1_cases:
             assert case["same_loss"], case["label"]
@@ -188,6 +235,11 @@ def test_chunk_size_from_the_memory_budget():
     # bf16: logits (2) + fp32 copy (4) + bf16 gradient (2) bytes per vocabulary entry.
     assert chunk_tokens_for_budget(1 << 30, 248320, torch.bfloat16) == (1 << 30) // (248320 * 8)
     assert chunk_tokens_for_budget(1 << 20, 1000, torch.float32) == (1 << 20) // 4000
+    # Formed in the forward pass, fp32 logits must outlive the softmax pass: a copy of them.
+    assert chunk_tokens_for_budget(1 << 20, 1000, torch.float32, "forward") == (1 << 20) // 8000
+    assert chunk_tokens_for_budget(1 << 30, 248320, torch.bfloat16, "forward") == (1 << 30) // (
+        248320 * 8
+    )
     assert chunk_tokens_for_budget(10, 1000, torch.float32) == 1
 
 
@@ -229,15 +281,16 @@ def test_shape_errors_are_named():
         )
 
 
-def test_backward_row_groups_give_the_same_gradients(monkeypatch):
-    """On CPU the backward forms each block's bf16 gradient a few rows at a time in an fp32
-    scratch; groups of 4 rows (not dividing the 18 tokens) equal one group bit for bit."""
-    hidden, weight, labels, loss_mask, grad = make_output_case(3, torch.bfloat16, "some")
+@pytest.mark.parametrize("gradient", ["recompute", "forward"])
+def test_backward_row_groups_give_the_same_gradients(monkeypatch, gradient):
+    """On CPU each block's (or forward chunk's) bf16 gradient is formed a few rows at a time in
+    an fp32 scratch; groups of 4 rows (not dividing the 18 tokens) equal one group bit for bit."""
+    hidden, weight, labels, loss_mask, _ = make_output_case(3, torch.bfloat16, "some")
     config = EAFTConfig(topk=5)
 
     def gradients():
         _, hidden_grad, weight_grad = _fused(
-            hidden, weight, labels, config, None, loss_mask, grad, CHUNKS[1], False
+            hidden, weight, labels, config, None, loss_mask, loss_mask, CHUNKS[1], False, gradient
         )
         return hidden_grad, weight_grad
 
@@ -247,3 +300,53 @@ def test_backward_row_groups_give_the_same_gradients(monkeypatch):
     row_groups = gradients()
     for got, expected in zip(row_groups, one_group, strict=True):
         assert torch.equal(got, expected)
+
+
+def test_forward_gradient_forms_only_what_autograd_asks_for(monkeypatch):
+    """A frozen output weight gets no gradient and needs no shared upstream value (any upstream
+    is exact); without autograd (evaluation) nothing is formed at all."""
+    hidden, weight, labels, loss_mask, random_grad = make_output_case(4, torch.float32, "some")
+    config = EAFTConfig(topk=5)
+    formed = []
+    original = fused_output._FormedGradients.empty
+
+    def counted(*args):
+        formed.append(args[3:5])  # (want_hidden, want_weight)
+        return original(*args)
+
+    monkeypatch.setattr(fused_output._FormedGradients, "empty", counted)
+    expected = _unfused(hidden, weight, labels, config, None, loss_mask, random_grad)
+    frozen = weight.clone()
+    local = hidden.clone().requires_grad_()
+    with CountedRecomputes() as recomputes:
+        out = fused_output_weighted_cross_entropy(
+            local, frozen, labels, config, None, loss_mask, chunk_tokens=5, gradient="forward"
+        )
+        (out.loss * random_grad).sum().backward()
+    assert formed == [(True, False)] and recomputes.count == 0
+    torch.testing.assert_close(local.grad, expected[1], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        fused_output_weighted_cross_entropy(
+            hidden.requires_grad_(), weight, labels, config, None, loss_mask, gradient="forward"
+        )
+    assert len(formed) == 1
+
+
+def test_differing_upstream_without_a_host_read_trips_the_device_assertion(monkeypatch):
+    """On an accelerator (no host read unless check_finite) the shared upstream value is
+    checked by an asynchronous device assertion; on CPU torch raises it at once."""
+    hidden, weight, labels, loss_mask, random_grad = make_output_case(5, torch.float32, "some")
+    monkeypatch.setattr(vocab_parallel, "checks_sync", lambda config, device: False)
+    with pytest.raises(RuntimeError, match="fused_gradient='recompute'"):
+        _fused(
+            hidden,
+            weight,
+            labels,
+            EAFTConfig(topk=5),
+            None,
+            loss_mask,
+            random_grad,
+            5,
+            False,
+            "forward",
+        )

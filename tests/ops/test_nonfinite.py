@@ -115,12 +115,13 @@ def _poisoned_output_case(poison: str, world: int):
 
 
 def _checked_everywhere() -> list[dict]:
-    """Each poison x path x entropy mode under check_finite: the error (or None) per case."""
+    """Each poison x path (unfused, or fused with its gradient mode) x entropy mode under
+    check_finite: the error (or None) per case."""
     group = torch.distributed.group.WORLD
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     results = []
     for poison, fused, entropy in itertools.product(
-        ("nan", "+inf", "-inf", "all -inf row"), (False, True), ENTROPY_MODES
+        ("nan", "+inf", "-inf", "all -inf row"), (None, "recompute", "forward"), ENTROPY_MODES
     ):
         if fused and poison == "all -inf row":
             continue  # only the hidden states could make a fused row -inf (then also +inf)
@@ -131,7 +132,7 @@ def _checked_everywhere() -> list[dict]:
         try:
             if fused:
                 out = fused_output_weighted_cross_entropy(
-                    hidden, shard, labels, config, group, chunk_tokens=3
+                    hidden, shard, labels, config, group, chunk_tokens=3, gradient=fused
                 )
             else:
                 logits = hidden @ shard.t()

@@ -1,5 +1,6 @@
 """`megatron-eaft finetune` with eaft.fused_output: three steps give the unfused run's losses,
-also when the loss sits on the last of two pipeline stages."""
+with the gradients recomputed in backward or formed in the forward pass (fused_gradient), also
+when the loss sits on the last of two pipeline stages."""
 
 from __future__ import annotations
 
@@ -33,3 +34,6 @@ def test_three_fused_steps_give_the_unfused_losses(
     fused = dist.run(three_steps, world, tiny_checkpoint, packed_dataset, fused_overrides)[-1]
     assert len(fused) == len(unfused) == 3
     helpers.assert_same_steps(fused, unfused)
+    formed_overrides = [*fused_overrides, "eaft.fused_gradient=forward"]
+    formed = dist.run(three_steps, world, tiny_checkpoint, packed_dataset, formed_overrides)[-1]
+    helpers.assert_same_steps(formed, unfused)
