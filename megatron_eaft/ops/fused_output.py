@@ -415,6 +415,8 @@ class _FusedOutputWeightedCrossEntropy(torch.autograd.Function):
                 formed.add_chunk_(rows, grad, hidden[rows], weight)
             del logits
         del logits_buffer, work_buffer
+        if formed is not None:
+            formed.drop_working_buffers()  # only the gradients live on until backward
         raise_on_bad_input(target, ignored, nonfinite, logits_max, vocab_size, config, target.shape)
 
         ctx.save_for_backward(hidden, weight, target, lse, outputs[2])
@@ -553,6 +555,10 @@ class _FormedGradients:
             rows = max(1, min(partition_vocab, chunk_rows * partition_vocab // hidden_size))
             weight_product = weight.new_empty(rows, hidden_size)
         return cls(hidden_grad, weight_grad, scratch, weight_product)
+
+    def drop_working_buffers(self) -> None:
+        self.scratch = None
+        self.weight_product = None
 
     def add_chunk_(
         self, rows: slice, grad_logits: torch.Tensor, hidden_rows: torch.Tensor, weight

@@ -113,7 +113,10 @@ def _run_cases() -> list[dict]:
             name: _unfused(hidden, shard, labels, config, group, loss_mask, grad)
             for name, grad in upstreams.items()
         }
-        for gradient, chunk, main_grad, upstream in FUSED_RUNS:
+        # An all-masked batch has nothing to tell the chunking or the upstream apart: one run
+        # per gradient mode.
+        runs = FUSED_RUNS if mask == "some" else (FUSED_RUNS[1], FUSED_RUNS[4])
+        for gradient, chunk, main_grad, upstream in runs:
             with CountedRecomputes() as recomputes:
                 got = _fused(
                     hidden,
@@ -350,3 +353,25 @@ def test_differing_upstream_without_a_host_read_trips_the_device_assertion(monke
             False,
             "forward",
         )
+
+
+def test_forward_gradient_keeps_only_the_gradients_until_backward():
+    """The chunk's working buffers go with the forward pass (on an accelerator the scratch is
+    the chunk's fp32 logits); the formed gradients go with the backward."""
+    hidden, weight, labels, loss_mask, _ = make_output_case(6, torch.bfloat16, "some")
+    out = fused_output_weighted_cross_entropy(
+        hidden.clone().requires_grad_(),
+        weight.clone().requires_grad_(),
+        labels,
+        EAFTConfig(topk=5),
+        None,
+        loss_mask,
+        chunk_tokens=5,
+        gradient="forward",
+    )
+    backward = out.loss.grad_fn.next_functions[0][0]  # under the view: the Function's ctx
+    formed = backward.formed
+    assert formed.scratch is None and formed.weight_product is None
+    assert formed.hidden_grad is not None and formed.weight_grad is not None
+    (out.loss * loss_mask).sum().backward()
+    assert backward.formed is None
