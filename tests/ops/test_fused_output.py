@@ -1,9 +1,9 @@
 """The fused output-layer loss against the unfused one (output matmul, then the vocab-parallel
-loss on the logits) at TP = 1, 2, 4: every kind, both entropy modes, fp32 and bf16, chunk sizes
-that do not divide the token count, masked and all-masked batches, main_grad accumulation, the
-gradients recomputed in backward and formed in the forward pass (with its recomputing fallback
-for upstream gradients that differ per token); and the shard-local top-1 it keeps on request
-against ``max(dim=-1)`` of the logits.
+loss on the logits) at TP = 1, 2, 4: every kind, both entropy modes, fp32 and bf16 (TP4: fp32),
+chunk sizes that do not divide the token count, masked and all-masked batches, main_grad
+accumulation, the gradients recomputed in backward and formed in the forward pass (with its
+recomputing fallback for upstream gradients that differ per token); and the shard-local top-1
+it keeps on request against ``max(dim=-1)`` of the logits.
 
 One pool job per TP size runs every case and returns what the test compares.
 """
@@ -105,7 +105,10 @@ def _run_cases() -> list[dict]:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     results = []
     configs = all_configs(topk=5)
-    for dtype, mask, (index, config) in itertools.product(DTYPES, MASKS, enumerate(configs)):
+    # TP4 on fp32 only: what TP changes (shards, collectives) does not depend on the dtype, and
+    # bf16's rounding is held to its bound at TP 1 and 2 (the suite's time budget).
+    dtypes = DTYPES if world < 4 else (torch.float32,)
+    for dtype, mask, (index, config) in itertools.product(dtypes, MASKS, enumerate(configs)):
         hidden, weight, labels, loss_mask, random_grad = make_output_case(index, dtype, mask)
         upstreams = {"random": random_grad, "masked": 0.37 * loss_mask}
         shard = weight.chunk(world, dim=0)[rank].contiguous()
