@@ -561,8 +561,13 @@ class _FormedGradients:
         self.weight_product = None
 
     def add_chunk_(
-        self, rows: slice, grad_logits: torch.Tensor, hidden_rows: torch.Tensor, weight
+        self,
+        rows: slice,
+        grad_logits: torch.Tensor,
+        hidden_rows: torch.Tensor,
+        weight: torch.Tensor,
     ) -> None:
+        """One chunk's share: its rows of the hidden gradient, its sum into the weight's."""
         fn = _FusedOutputWeightedCrossEntropy
         if self.hidden_grad is not None:
             torch.mm(grad_logits, weight, out=self.hidden_grad[rows])
