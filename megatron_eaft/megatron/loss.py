@@ -63,6 +63,7 @@ from megatron_eaft.ops import (
     fused_output_weighted_cross_entropy,
     vocab_parallel_weighted_cross_entropy,
 )
+from megatron_eaft.ops.config import FusedGradient
 from megatron_eaft.ops.fused_output import LocalTop1
 from megatron_eaft.ops.vocab_parallel import normalised_entropy
 from megatron_eaft.ops.weighting import confident_conflicts
@@ -366,7 +367,7 @@ def fused_head_loss(
     tp_group,
     local_top1: bool,
     loss_mask: torch.Tensor | None = None,
-    gradient: str = "recompute",
+    gradient: FusedGradient = "recompute",
 ) -> tuple[TokenLoss, LocalTop1 | None]:
     """One head's output layer + loss, fused: per-token outputs [b, s] (Megatron's loss layout)
     and, when asked, the shard-local top-1 [s, b] (the logits' layout). ``loss_mask`` [b, s]:

@@ -53,6 +53,7 @@ and, for a weight without a ``main_grad``, an fp32 weight-sized one.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -248,14 +249,14 @@ class _FusedOutputWeightedCrossEntropy(torch.autograd.Function):
     ) -> None:
         """accumulator [V/TP, h] += grad_logits^T @ hidden_rows, in blocks of ``product``'s rows
         where the CPU needs a rounded product (else one GEMM)."""
+        fn = _FusedOutputWeightedCrossEntropy
         if product is None:
-            fn = _FusedOutputWeightedCrossEntropy
             fn.add_matmul_(accumulator, grad_logits.t(), hidden_rows)
             return
         rows = product.size(0)
         for start in range(0, accumulator.size(0), rows):
             columns = slice(start, min(start + rows, accumulator.size(0)))
-            _FusedOutputWeightedCrossEntropy.add_matmul_(
+            fn.add_matmul_(
                 accumulator[columns],
                 grad_logits[:, columns].t(),
                 hidden_rows,
@@ -487,19 +488,16 @@ class _FusedOutputWeightedCrossEntropy(torch.autograd.Function):
 
 
 _logger = logging.getLogger(__name__)
-_warned_recomputing = False
 
 
+@functools.cache
 def _warn_once_recomputing() -> None:
-    global _warned_recomputing
-    if not _warned_recomputing:
-        _warned_recomputing = True
-        _logger.warning(
-            "eaft fused_gradient='forward': the upstream gradient differs between weighted "
-            "tokens (not sum(loss * loss_mask) times a constant, or the loss mask was not "
-            "given to the model), so the output weight's gradient is recomputed in backward: "
-            "slower than fused_gradient='recompute'"
-        )
+    _logger.warning(
+        "eaft fused_gradient='forward': the upstream gradient differs between weighted tokens "
+        "(not sum(loss * loss_mask) times a constant, or the loss mask was not given to the "
+        "model), so the output weight's gradient is recomputed in backward: slower than "
+        "fused_gradient='recompute'"
+    )
 
 
 _DIFFERING_UPSTREAM = (

@@ -378,3 +378,18 @@ def test_forward_gradient_keeps_only_the_gradients_until_backward():
     assert formed.hidden_grad is not None and formed.weight_grad is not None
     (out.loss * loss_mask).sum().backward()
     assert backward.formed is None
+
+
+def test_differing_upstream_on_cpu_recomputes_and_says_so_once(caplog):
+    hidden, weight, labels, loss_mask, random_grad = make_output_case(7, torch.float32, "some")
+    config = EAFTConfig(topk=5)
+    expected = _unfused(hidden, weight, labels, config, None, loss_mask, random_grad)
+    fused_output._warn_once_recomputing.cache_clear()
+    with caplog.at_level("WARNING", logger=fused_output.__name__), CountedRecomputes() as count:
+        for _ in range(2):
+            got = _fused(
+                hidden, weight, labels, config, None, loss_mask, random_grad, 5, False, "forward"
+            )
+    assert count.count == 2
+    assert sum("recomputed in backward" in r.getMessage() for r in caplog.records) == 1
+    torch.testing.assert_close(got[2], expected[2], rtol=1e-5, atol=1e-5)
